@@ -1,0 +1,160 @@
+"""``nearid-score REF GEN``: score generated images against references, from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from nearid_metric._version import __version__
+from nearid_metric.pairing import Pairing, pair_all, pair_by_name, pair_from_manifest
+from nearid_metric.scorer import PRECISIONS, NearIDScore
+
+logger = logging.getLogger("nearid_metric")
+
+EXIT_OK, EXIT_NOTHING_SCORED, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nearid-score",
+        description="Identity similarity (NearID cosine, -1..1, higher = identity better kept) of generated "
+                    "images to reference images.",
+    )
+    parser.add_argument("ref", type=Path, help="reference image folder (searched recursively) or file")
+    parser.add_argument("gen", type=Path, help="generated image folder (searched recursively) or file")
+    parser.add_argument("--pairing", choices=["name", "all", "manifest"], default="name",
+                        help="name: same relative path without extension (default); all: every ref x every gen; "
+                             "manifest: pairs listed in --manifest")
+    parser.add_argument("--manifest", type=Path, help="CSV with columns ref,gen (paths relative to REF and GEN)")
+    parser.add_argument("--model", default="nearid",
+                        help="registered name, Hub repo id or local checkpoint folder (default: nearid)")
+    parser.add_argument("--revision", help="Hub revision (branch, tag or commit) of --model")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="image decoding processes (default: min(8, CPU count))")
+    parser.add_argument("--out", type=Path, help="folder for scores.csv (per pair) and summary.json")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit 1 if any file failed, was unmatched or ambiguous")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def make_pairing(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Pairing:
+    for root in (args.ref, args.gen):
+        if not root.exists():
+            parser.error(f"{root} does not exist")
+    if args.pairing == "manifest":
+        if args.manifest is None:
+            parser.error("--pairing manifest needs --manifest FILE")
+        try:
+            return pair_from_manifest(args.manifest, args.ref, args.gen)
+        except (OSError, ValueError) as e:
+            parser.error(str(e))
+    if args.manifest is not None:
+        parser.error("--manifest is only used with --pairing manifest")
+    return pair_all(args.ref, args.gen) if args.pairing == "all" else pair_by_name(args.ref, args.gen)
+
+
+def summarize(scores: np.ndarray) -> dict[str, float | int | None]:
+    """count, mean, std (sample, ddof=1), median, min, max of the pair scores; None where undefined."""
+    def number(x: float) -> float | None:
+        return None if math.isnan(x) else float(x)
+
+    n = len(scores)
+    return {
+        "count": n,
+        "mean": number(scores.mean()) if n else None,
+        "std": number(scores.std(ddof=1)) if n > 1 else None,
+        "median": number(np.median(scores)) if n else None,
+        "min": number(scores.min()) if n else None,
+        "max": number(scores.max()) if n else None,
+    }
+
+
+def report_problems(pairing: Pairing, failures: dict[str, str]) -> None:
+    """One line on stderr per bad file and per unpairable name."""
+    for path, reason in failures.items():
+        logger.warning("skipped %s: %s", path, reason)
+    for message in pairing.ambiguous:
+        logger.warning("ambiguous: %s", message)
+    for side, paths in (("reference", pairing.unmatched_refs), ("generated", pairing.unmatched_gens)):
+        for path in paths:
+            logger.warning("unmatched %s image: %s (no file with the same name on the other side)", side, path)
+    if pairing.ignored:
+        logger.info("ignored %d files without an image extension", len(pairing.ignored))
+
+
+def write_outputs(out: Path, rows: list[tuple[str, str, float]], summary: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "scores.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["ref", "gen", "score", "signature"])
+        writer.writerows([ref, gen, f"{score:.8f}", summary["signature"]] for ref, gen, score in rows)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("nearid-score: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        return run(args, make_pairing(args, parser))
+    finally:
+        logger.removeHandler(handler)
+
+
+def run(args: argparse.Namespace, pairing: Pairing) -> int:
+    """Embed every distinct file once, score the pairs, report problems, write outputs."""
+    scorer = NearIDScore.from_pretrained(args.model, revision=args.revision, device=args.device,
+                                         precision=args.precision)
+    paths = list(dict.fromkeys(p for pair in pairing.pairs for p in pair))  # each file decoded once
+    embeddings, failed_rows = scorer.embed_with_failures(
+        paths, batch_size=args.batch_size, num_workers=args.num_workers,
+        progress=False if args.no_progress else None)
+    failures = {str(paths[i]): reason for i, reason in sorted(failed_rows.items())}
+    row = {p: i for i, p in enumerate(paths)}
+    scored = [(r, g) for r, g in pairing.pairs if str(r) not in failures and str(g) not in failures]
+    values = (embeddings[[row[r] for r, _ in scored]] * embeddings[[row[g] for _, g in scored]]).sum(-1).numpy()
+    report_problems(pairing, failures)
+
+    summary = {
+        "signature": scorer.signature,
+        "pairing": args.pairing,
+        "ref": str(args.ref),
+        "gen": str(args.gen),
+        **summarize(values),
+        "pairs_total": len(pairing.pairs),
+        "pairs_skipped": len(pairing.pairs) - len(scored),
+        "failures": [{"path": p, "reason": r} for p, r in failures.items()],
+        "unmatched": {"ref": [str(p) for p in pairing.unmatched_refs], "gen": [str(p) for p in pairing.unmatched_gens]},
+        "ambiguous": pairing.ambiguous,
+        "ignored_files": [str(p) for p in pairing.ignored],
+    }
+    if args.out is not None:
+        write_outputs(args.out, [(str(r), str(g), float(v)) for (r, g), v in zip(scored, values)], summary)
+
+    print(f"count: {summary['count']}")
+    print(f"mean: {summary['mean']:.6f}" if scored else "mean: n/a (nothing scored)")
+    print(f"signature: {scorer.signature}")
+    if not scored:
+        return EXIT_NOTHING_SCORED
+    problems = failures or pairing.unmatched_refs or pairing.unmatched_gens or pairing.ambiguous
+    return EXIT_NOTHING_SCORED if args.strict and problems else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Shared fixtures: tiny random SigLIP checkpoints in the released NearID folder format.
+
+The checkpoints are written by transformers' ``SiglipVisionModel`` (the reference
+implementation) with the exact key layout and float16 storage of the released weights,
+and read back through the package's real loading code. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download; set before huggingface_hub is imported
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from transformers import SiglipVisionConfig, SiglipVisionModel
+
+# Odd sizes on purpose: intermediate/hidden is not a whole number (as in so400m, 4304/1152).
+TINY_VISION = dict(hidden_size=48, intermediate_size=100, num_hidden_layers=2, num_attention_heads=4,
+                   image_size=56, patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+
+
+def preprocessor_dict(size: int, resample: int = 2) -> dict:
+    """A SiglipImageProcessor config like the SigLIP2 base model's, at ``size`` px."""
+    return {
+        "image_processor_type": "SiglipImageProcessor",
+        "processor_class": "SiglipProcessor",
+        "do_resize": True,
+        "size": {"height": size, "width": size},
+        "resample": resample,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+    }
+
+
+def make_reference_model(seed: int = 0, **overrides) -> SiglipVisionModel:
+    """A random transformers SiglipVisionModel whose weights are exactly representable in fp16."""
+    torch.manual_seed(seed)
+    model = SiglipVisionModel(SiglipVisionConfig(**{**TINY_VISION, **overrides}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())  # what a float16 checkpoint upcast to fp32 holds
+    return model.eval()
+
+
+def write_checkpoint(model: SiglipVisionModel, folder: Path, *, key_layout: str = "transformers4",
+                     resample: int = 2) -> Path:
+    """Save ``model`` as a NearID release folder (config.json, model.safetensors fp16, preprocessor)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()  # keys "vision_model.embeddings....", "vision_model.head.probe", ...
+    if key_layout == "transformers4":
+        weights = {f"backbone.{k}": v.half().contiguous() for k, v in state.items()}
+    elif key_layout == "transformers5":  # the same weights without "vision_model."
+        weights = {"backbone." + k.removeprefix("vision_model."): v.half().contiguous() for k, v in state.items()}
+    else:
+        raise ValueError(key_layout)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    config = {
+        "model_type": "nearid",
+        "architectures": ["NearIDModel"],
+        "auto_map": {"AutoConfig": "configuration_nearid.NearIDConfig", "AutoModel": "modeling_nearid.NearIDModel"},
+        "vision_config": model.config.to_dict(),
+        "embed_dim": model.config.hidden_size,
+        "normalize_embeddings": True,
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    size = model.config.image_size
+    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor_dict(size, resample), indent=2))
+    return folder
+
+
+def reference_embed(model: SiglipVisionModel, pixels: torch.Tensor) -> torch.Tensor:
+    """The reference NearID embedding: pooler output (MAP head), L2-normalised, float32."""
+    with torch.no_grad():
+        pooled = model(pixel_values=pixels).pooler_output
+    return torch.nn.functional.normalize(pooled.float(), dim=-1)
+
+
+def random_image(seed: int, size: tuple[int, int], mode: str = "RGB") -> Image.Image:
+    """A smooth-ish random picture (so resizing filters matter) in ``mode``; size is (width, height)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    coarse = rng.integers(0, 256, (max(2, h // 7), max(2, w // 7), 3), dtype=np.uint8)
+    image = Image.fromarray(coarse).resize((w, h), Image.Resampling.BICUBIC)
+    noise = rng.integers(-20, 21, (h, w, 3))
+    image = Image.fromarray(np.clip(np.asarray(image, dtype=np.int64) + noise, 0, 255).astype(np.uint8))
+    return convert_mode(image, mode, rng)
+
+
+def convert_mode(image: Image.Image, mode: str, rng: np.random.Generator) -> Image.Image:
+    if mode == "RGBA":
+        alpha = rng.integers(0, 256, image.size[::-1], dtype=np.uint8)
+        rgba = image.convert("RGBA")
+        rgba.putalpha(Image.fromarray(alpha))
+        return rgba
+    if mode == "I;16":  # 16-bit greyscale spanning the full range
+        grey = np.asarray(image.convert("L"), dtype=np.uint16) * 257
+        return Image.fromarray(grey)
+    if mode == "P":
+        return image.convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+    return image.convert(mode)
+
+
+@pytest.fixture(scope="session")
+def reference_model() -> SiglipVisionModel:
+    return make_reference_model()
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(tmp_path_factory, reference_model) -> Path:
+    return write_checkpoint(reference_model, tmp_path_factory.mktemp("ckpt") / "nearid-tiny")
+
+
+@pytest.fixture(scope="session")
+def scorer(checkpoint_dir):
+    from nearid_metric import NearIDScore
+
+    return NearIDScore.from_pretrained(checkpoint_dir, device="cpu")
+
+
+# --- helpers for the model / preprocessing / hub tests -------------------------------------------
+
+
+def reference_processor(config: dict):
+    """transformers' PIL-backend SigLIP image processor (the paper's path) built from a config dict."""
+    try:
+        from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+    except ImportError:  # transformers 4: the plain class is the PIL/numpy ("slow") processor
+        from transformers import SiglipImageProcessor as SiglipImageProcessorPil
+    return SiglipImageProcessorPil.from_dict(config)
+
+
+def reference_pixels(images: list[Image.Image], config: dict) -> torch.Tensor:
+    """Pixels [N, 3, H, W] float32 from the reference processor for the preprocessor ``config``."""
+    return reference_processor(config)(images=images, return_tensors="pt")["pixel_values"]
+
+
+def sample_pictures() -> list[Image.Image]:
+    """Six pictures of odd sizes and modes (RGB, RGBA, L, P, CMYK, a wide strip)."""
+    specs = [((37, 23), "RGB"), ((80, 61), "RGBA"), ((56, 56), "L"), ((101, 47), "P"),
+             ((64, 90), "CMYK"), ((5, 130), "RGB")]
+    return [random_image(10 + i, size, mode) for i, (size, mode) in enumerate(specs)]
+
+
+def hf_cache_layout(checkpoint: Path, cache: Path, repo_id: str, commit: str) -> Path:
+    """Copy a checkpoint folder into a Hugging Face cache layout; returns the snapshot folder.
+
+    ``<cache>/models--org--name/snapshots/<commit>/<files>`` plus ``refs/main`` holding the
+    commit hash (no trailing newline, as huggingface_hub writes it).
+    """
+    import shutil
+
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
+        shutil.copyfile(checkpoint / name, snapshot / name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot

@@ -1,0 +1,197 @@
+"""`nearid-score` end to end on temp folders with good and bad files (tiny random checkpoint)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import random_image
+
+from nearid_metric.cli import main
+
+
+def png_bomb(path: Path, width: int = 20000, height: int = 20000) -> None:
+    """A tiny file whose PNG header claims width x height pixels (PIL refuses it as a bomb)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+
+
+def truncated_png(path: Path, seed: int) -> None:
+    buffer = io.BytesIO()
+    random_image(seed, (64, 48)).save(buffer, format="PNG")
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+
+
+@pytest.fixture()
+def folders(tmp_path):
+    """ref/ and gen/ with 2 good pairs, 5 pairs with a bad generated file, unmatched files on each side."""
+    ref, gen = tmp_path / "ref", tmp_path / "gen"
+    (ref / "sub").mkdir(parents=True)
+    (gen / "sub").mkdir(parents=True)
+    for i, name in enumerate(["a", "b", "c", "sub/d", "e", "f", "g", "only_ref"]):
+        random_image(i, (80 + i, 60 + 2 * i)).save(ref / f"{name}.png")
+    (ref / "notes.txt").write_text("not an image")
+    random_image(10, (90, 70)).save(gen / "a.jpg", quality=95)
+    random_image(13, (50, 50)).save(gen / "sub" / "d.png")
+    random_image(14, (50, 50)).save(gen / "only_gen.png")
+    (gen / "b.png").write_bytes(b"")  # zero bytes
+    truncated_png(gen / "c.png", seed=11)  # truncated
+    (gen / "e.png").write_text("this is text, not a picture")  # non-image content
+    (gen / "f.png").symlink_to(tmp_path / "does-not-exist.png")  # unreadable path
+    png_bomb(gen / "g.png")  # decompression bomb
+    return ref, gen
+
+
+def run_cli(*args) -> int:
+    return main([str(a) for a in args] + ["--num-workers", "0", "--no-progress"])
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_name_pairing_scores_good_pairs_and_names_every_bad_file(folders, checkpoint_dir, scorer, tmp_path, capsys):
+    ref, gen = folders
+    out = tmp_path / "out"
+    assert run_cli(ref, gen, "--model", checkpoint_dir, "--out", out) == 0
+    captured = capsys.readouterr()
+
+    rows = read_csv(out / "scores.csv")
+    assert [(Path(r["ref"]).relative_to(ref).as_posix(), Path(r["gen"]).relative_to(gen).as_posix()) for r in rows] \
+        == [("a.png", "a.jpg"), ("sub/d.png", "sub/d.png")]
+    expected = scorer.score([ref / "a.png", ref / "sub/d.png"], [gen / "a.jpg", gen / "sub/d.png"])
+    assert torch.allclose(torch.tensor([float(r["score"]) for r in rows]), expected, atol=1e-6)
+    assert {r["signature"] for r in rows} == {scorer.signature}
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["count"] == 2 and summary["pairs_total"] == 7 and summary["pairs_skipped"] == 5
+    assert summary["mean"] == pytest.approx(expected.mean().item(), abs=1e-6)
+    assert summary["std"] == pytest.approx(expected.std().item(), abs=1e-6)  # sample std (ddof=1)
+    assert summary["signature"] == scorer.signature
+    reasons = {Path(f["path"]).name: f["reason"] for f in summary["failures"]}
+    assert set(reasons) == {"b.png", "c.png", "e.png", "f.png", "g.png"}
+    assert "empty file" in reasons["b.png"]
+    assert "truncated" in reasons["c.png"]
+    assert "not an image" in reasons["e.png"]
+    assert "not found" in reasons["f.png"]
+    assert "decompression bomb" in reasons["g.png"]
+    assert [Path(p).name for p in summary["unmatched"]["ref"]] == ["only_ref.png"]
+    assert [Path(p).name for p in summary["unmatched"]["gen"]] == ["only_gen.png"]
+    assert [Path(p).name for p in summary["ignored_files"]] == ["notes.txt"]
+
+    for name in ["b.png", "c.png", "e.png", "f.png", "g.png", "only_ref.png", "only_gen.png"]:
+        assert name in captured.err, name  # one line per problem on stderr
+    assert "count: 2" in captured.out
+    assert f"mean: {expected.mean().item():.6f}" in captured.out
+
+
+def test_strict_fails_on_any_problem(folders, checkpoint_dir):
+    ref, gen = folders
+    assert run_cli(ref, gen, "--model", checkpoint_dir, "--strict") == 1
+
+
+def test_nothing_scorable_exits_nonzero(tmp_path, checkpoint_dir, capsys):
+    ref, gen = tmp_path / "ref", tmp_path / "gen"
+    ref.mkdir(), gen.mkdir()
+    random_image(0, (40, 40)).save(ref / "x.png")
+    (gen / "x.png").write_bytes(b"")
+    assert run_cli(ref, gen, "--model", checkpoint_dir) == 1
+    assert "nothing scored" in capsys.readouterr().out
+
+
+def test_all_pairing_equals_score_matrix(tmp_path, checkpoint_dir, scorer):
+    ref, gen = tmp_path / "ref", tmp_path / "gen"
+    ref.mkdir(), gen.mkdir()
+    refs = [ref / f"subject{i}.png" for i in range(2)]
+    gens = [gen / f"sample{j}.jpg" for j in range(3)]
+    for i, p in enumerate(refs + gens):
+        random_image(20 + i, (64, 64)).save(p)
+    out = tmp_path / "out"
+    assert run_cli(ref, gen, "--pairing", "all", "--model", checkpoint_dir, "--out", out) == 0
+    rows = read_csv(out / "scores.csv")
+    matrix = scorer.score_matrix(refs, gens)
+    assert len(rows) == 6
+    for r in rows:
+        i, j = refs.index(Path(r["ref"])), gens.index(Path(r["gen"]))
+        assert float(r["score"]) == pytest.approx(matrix[i, j].item(), abs=1e-6)
+
+
+def test_manifest_pairing(tmp_path, checkpoint_dir, scorer, capsys):
+    ref, gen = tmp_path / "ref", tmp_path / "gen"
+    ref.mkdir(), gen.mkdir()
+    random_image(30, (64, 64)).save(ref / "dog.png")
+    random_image(31, (64, 64)).save(gen / "dog_seed0.png")
+    random_image(32, (64, 64)).save(gen / "dog_seed1.png")
+    manifest = tmp_path / "pairs.csv"
+    manifest.write_text("ref,gen,prompt\ndog.png,dog_seed0.png,a dog\ndog.png,dog_seed1.png,a dog\n")
+    out = tmp_path / "out"
+    assert run_cli(ref, gen, "--pairing", "manifest", "--manifest", manifest, "--model", checkpoint_dir,
+                   "--out", out) == 0
+    rows = read_csv(out / "scores.csv")
+    expected = scorer.score([ref / "dog.png"] * 2, [gen / "dog_seed0.png", gen / "dog_seed1.png"])
+    assert torch.allclose(torch.tensor([float(r["score"]) for r in rows]), expected, atol=1e-6)
+
+    manifest.write_text("reference,generation\ndog.png,dog_seed0.png\n")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(ref, gen, "--pairing", "manifest", "--manifest", manifest, "--model", checkpoint_dir)
+    assert exit_info.value.code == 2
+    assert "needs columns 'ref' and 'gen'" in capsys.readouterr().err
+
+
+def test_ambiguous_names_are_reported_not_guessed(tmp_path, checkpoint_dir, capsys):
+    ref, gen = tmp_path / "ref", tmp_path / "gen"
+    ref.mkdir(), gen.mkdir()
+    random_image(40, (64, 64)).save(ref / "cat.png")
+    random_image(41, (64, 64)).save(ref / "cat.jpg")
+    random_image(42, (64, 64)).save(gen / "cat.png")
+    random_image(43, (64, 64)).save(ref / "owl.png")
+    random_image(44, (64, 64)).save(gen / "owl.webp")
+    out = tmp_path / "out"
+    assert run_cli(ref, gen, "--model", checkpoint_dir, "--out", out) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["count"] == 1
+    assert len(summary["ambiguous"]) == 1 and "cat" in summary["ambiguous"][0]
+    assert [Path(p).name for p in summary["unmatched"]["gen"]] == ["cat.png"]
+    assert "ambiguous" in capsys.readouterr().err
+
+
+def test_two_single_files_are_one_pair(tmp_path, checkpoint_dir, scorer, capsys):
+    a, b = tmp_path / "reference.png", tmp_path / "generated.jpg"
+    random_image(50, (64, 64)).save(a)
+    random_image(51, (64, 64)).save(b)
+    assert run_cli(a, b, "--model", checkpoint_dir) == 0
+    assert f"mean: {scorer.score([a], [b]).item():.6f}" in capsys.readouterr().out
+
+
+def test_missing_input_is_a_usage_error(tmp_path, checkpoint_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(tmp_path / "nope", tmp_path, "--model", checkpoint_dir)
+    assert exit_info.value.code == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_console_script_with_worker_processes(folders, checkpoint_dir, tmp_path):
+    """The installed `nearid-score` command, decoding in 2 worker processes, matches the in-process run."""
+    ref, gen = folders
+    out_workers, out_inline = tmp_path / "workers", tmp_path / "inline"
+    command = [Path(sys.executable).with_name("nearid-score"), ref, gen, "--model", checkpoint_dir]
+    result = subprocess.run([str(c) for c in command] + ["--num-workers", "2", "--out", str(out_workers)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "count: 2" in result.stdout
+    assert run_cli(ref, gen, "--model", checkpoint_dir, "--out", out_inline) == 0
+    assert read_csv(out_workers / "scores.csv") == read_csv(out_inline / "scores.csv")
+    failures = json.loads((out_workers / "summary.json").read_text())["failures"]
+    assert len(failures) == 5
