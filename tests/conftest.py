@@ -56,13 +56,7 @@ def write_checkpoint(model: SiglipVisionModel, folder: Path, *, key_layout: str 
                      resample: int = 2) -> Path:
     """Save ``model`` as a NearID release folder (config.json, model.safetensors fp16, preprocessor)."""
     folder.mkdir(parents=True, exist_ok=True)
-    state = model.state_dict()  # keys "vision_model.embeddings....", "vision_model.head.probe", ...
-    if key_layout == "transformers4":
-        weights = {f"backbone.{k}": v.half().contiguous() for k, v in state.items()}
-    elif key_layout == "transformers5":  # the same weights without "vision_model."
-        weights = {"backbone." + k.removeprefix("vision_model."): v.half().contiguous() for k, v in state.items()}
-    else:
-        raise ValueError(key_layout)
+    weights = {k: v.half().contiguous() for k, v in nearid_state_dict(model, key_layout).items()}
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     config = {
         "model_type": "nearid",
@@ -167,3 +161,20 @@ def hf_cache_layout(checkpoint: Path, cache: Path, repo_id: str, commit: str) ->
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     return snapshot
+
+
+def vision_tower(model: SiglipVisionModel) -> torch.nn.Module:
+    """The module holding embeddings/encoder/head: ``model.vision_model`` in transformers 4, the model in 5."""
+    return getattr(model, "vision_model", model)
+
+
+def nearid_state_dict(model: SiglipVisionModel, key_layout: str = "transformers4") -> dict[str, torch.Tensor]:
+    """``model``'s weights under the released checkpoint's names, whatever transformers version built it.
+
+    transformers 5's ``SiglipVisionModel`` has no ``vision_model.`` level in its state dict,
+    transformers 4's has; this gives ``backbone.vision_model.<name>`` ("transformers4", the
+    released layout) or ``backbone.<name>`` ("transformers5") in every version.
+    """
+    prefix = {"transformers4": "backbone.vision_model.", "transformers5": "backbone."}[key_layout]
+    return {prefix + k.removeprefix("vision_model."): v for k, v in model.state_dict().items()}
+

@@ -54,15 +54,15 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = N
         known = ", ".join(sorted(registry()))
         raise ValueError(f"{name!r} is not a folder, a registered name ({known}) or a Hub repo id 'org/name'")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.utils import LocalEntryNotFoundError
 
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(CHECKPOINT_FILES)))
     except LocalEntryNotFoundError as e:
         raise FileNotFoundError(
-            f"{repo_id} (revision {revision or 'main'}) is not in the local Hugging Face cache and the Hub "
-            f"cannot be reached (offline mode or no network). Download it once where the Hub is reachable, "
-            f"or pass a local checkpoint folder. ({e})"
+            f"{repo_id} (revision {revision or 'main'}) is not a local folder, not in the local Hugging Face "
+            f"cache, and the Hub cannot be reached (offline mode or no network). Download it once where the "
+            f"Hub is reachable, or pass a local checkpoint folder. ({e})"
         ) from None
     _check_files(folder)
     return Checkpoint(folder, repo_id, folder.name)
