@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Union
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -20,8 +23,22 @@ class ImageLoadError(Exception):
         self.reason = reason
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open and fully decode an image file, applying its EXIF orientation.
+@dataclass(frozen=True)
+class EncodedImage:
+    """An encoded image held in memory (e.g. a parquet cell); ``name`` identifies it in errors."""
+
+    name: str
+    data: bytes
+
+    def __str__(self) -> str:
+        return self.name
+
+
+ImageSource = Union[str, os.PathLike, EncodedImage]
+
+
+def load_image(path: ImageSource) -> Image.Image:
+    """Open and fully decode an image file (or :class:`EncodedImage`), applying its EXIF orientation.
 
     The image keeps its mode (conversion to RGB is part of preprocessing). Images above
     PIL's ``Image.MAX_IMAGE_PIXELS`` are refused as possible decompression bombs.
@@ -30,7 +47,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(io.BytesIO(path.data) if isinstance(path, EncodedImage) else path) as image:
                 image.load()
                 return ImageOps.exif_transpose(image)
     except FileNotFoundError:
@@ -49,7 +66,9 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise ImageLoadError(path, f"cannot decode ({type(e).__name__}: {e})") from None
 
 
-def _size_or_none(path: str | os.PathLike) -> int | None:
+def _size_or_none(path: ImageSource) -> int | None:
+    if isinstance(path, EncodedImage):
+        return len(path.data)
     try:
         return os.path.getsize(path)
     except OSError:
