@@ -10,6 +10,7 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
+# What a NearID (or SigLIP) checkpoint folder holds.
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
 
 
@@ -33,11 +34,13 @@ def registry() -> dict[str, dict]:
         return json.load(f)
 
 
-def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = None) -> Checkpoint:
+def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = None,
+                       files: tuple[str, ...] = CHECKPOINT_FILES) -> Checkpoint:
     """Find a checkpoint folder: a local folder, a registry name, or a Hub repo id.
 
-    Hub downloads go through ``huggingface_hub.snapshot_download`` (its cache, revisions,
-    ``HF_HUB_OFFLINE`` / ``HF_HUB_CACHE``), fetching only :data:`CHECKPOINT_FILES`.
+    ``files``: what the folder must hold (a registry entry names its own). Hub downloads go
+    through ``huggingface_hub.snapshot_download`` (its cache, revisions, ``HF_HUB_OFFLINE`` /
+    ``HF_HUB_CACHE``), fetching only those files, so no pickled weights are ever fetched.
     A folder inside the Hub cache (``.../models--org--name/snapshots/<commit>``) is
     recognised, so it gets the same source and revision as a download would.
     """
@@ -45,9 +48,10 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = N
     if path.is_dir():
         if revision is not None:
             raise ValueError(f"revision={revision!r} given for the local folder {path}; revisions apply to Hub repos")
-        return _local_checkpoint(path)
+        return _local_checkpoint(path, files)
     name = str(name_or_path)
     entry = registry().get(name)
+    files = tuple(entry["files"]) if entry else files
     repo_id = entry["repo_id"] if entry else name
     revision = revision or (entry["revision"] if entry else None)
     if repo_id.count("/") != 1 or os.path.isabs(repo_id):
@@ -57,27 +61,27 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = N
     from huggingface_hub.utils import LocalEntryNotFoundError
 
     try:
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(CHECKPOINT_FILES)))
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(files)))
     except LocalEntryNotFoundError as e:
         raise FileNotFoundError(
             f"{repo_id} (revision {revision or 'main'}) is not a local folder, not in the local Hugging Face "
             f"cache, and the Hub cannot be reached (offline mode or no network). Download it once where the "
             f"Hub is reachable, or pass a local checkpoint folder. ({e})"
         ) from None
-    _check_files(folder)
+    _check_files(folder, files)
     return Checkpoint(folder, repo_id, folder.name)
 
 
-def _local_checkpoint(folder: Path) -> Checkpoint:
-    _check_files(folder)
+def _local_checkpoint(folder: Path, files: tuple[str, ...]) -> Checkpoint:
+    _check_files(folder, files)
     cache_repo = folder.parent.parent.name
     if folder.parent.name == "snapshots" and cache_repo.startswith("models--"):
         return Checkpoint(folder, cache_repo[len("models--"):].replace("--", "/"), folder.name)
     return Checkpoint(folder, f"local:{folder.resolve().name}", "local")
 
 
-def _check_files(folder: Path) -> None:
-    missing = [name for name in CHECKPOINT_FILES if not (folder / name).is_file()]
+def _check_files(folder: Path, files: tuple[str, ...]) -> None:
+    missing = [name for name in files if not (folder / name).is_file()]
     if missing:
         raise FileNotFoundError(f"checkpoint folder {folder} lacks {', '.join(missing)}")
 

@@ -8,14 +8,16 @@ builds the same network as a timm ``VisionTransformer`` from the checkpoint's
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from safetensors import safe_open
 from timm.layers import LayerNorm
 from timm.models.vision_transformer import VisionTransformer
 
@@ -50,6 +52,8 @@ _LAYER_RENAMES = {
     "mlp.fc1": "mlp.fc1",
     "mlp.fc2": "mlp.fc2",
 }
+# The parts of a full SigLIP image-text checkpoint that are not the vision tower.
+_TEXT_TOWER = ("text_model.", "logit_scale", "logit_bias")
 _QKV = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v"}
 _LAYER_KEY = re.compile(r"^encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 
@@ -183,7 +187,34 @@ def load_trunk(
     return trunk.eval().requires_grad_(False)
 
 
-def embed_pixels(trunk: VisionTransformer, pixels: torch.Tensor) -> torch.Tensor:
-    """Normalised pixels [B, 3, H, W] -> L2-normalised MAP-head embeddings [B, D], float32."""
-    pooled = trunk.forward_head(trunk.forward_features(pixels))
-    return F.normalize(pooled.float(), dim=-1)
+def load_checkpoint_trunk(folder: Path, *, dtype: torch.dtype, device: torch.device | str,
+                          drop_text_tower: bool = False) -> VisionTransformer:
+    """Read ``config.json`` + ``model.safetensors`` from a checkpoint folder into the timm trunk.
+
+    ``drop_text_tower``: skip the ``text_model.*`` / ``logit_*`` tensors of a full SigLIP
+    image-text checkpoint (e.g. the SigLIP2 base model) without reading them; any other
+    tensor outside the vision tower is still an error.
+    """
+    with open(folder / "config.json", encoding="utf-8") as f:
+        config = json.load(f)
+    if "vision_config" not in config:
+        raise ValueError(f"{folder / 'config.json'} has no vision_config: not a NearID/SigLIP checkpoint")
+    if config.get("normalize_embeddings") is False:
+        raise ValueError(f"{folder / 'config.json'} sets normalize_embeddings=false; NearID scores normalised cosines")
+    with safe_open(folder / "model.safetensors", framework="pt") as f:
+        names = [k for k in f.keys() if not (drop_text_tower and k.startswith(_TEXT_TOWER))]
+        state_dict = {k: f.get_tensor(k) for k in names}
+    return load_trunk(VisionConfig.from_dict(config["vision_config"]), state_dict, dtype=dtype, device=device)
+
+
+
+class TokenMean(torch.nn.Module):
+    """SigLIP readout without the head: mean of the final (post-LayerNorm) patch tokens, [B, D]."""
+
+    def __init__(self, trunk: VisionTransformer):
+        super().__init__()
+        self.trunk = trunk
+        self.num_features = trunk.num_features
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.trunk.forward_features(pixels).mean(dim=1)

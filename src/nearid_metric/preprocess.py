@@ -1,17 +1,23 @@
-"""Image preprocessing read from a checkpoint's ``preprocessor_config.json``.
+"""Image preprocessing, read from the configuration that travels with each model's weights.
 
-Reproduces transformers' PIL-backend ``SiglipImageProcessor`` (``use_fast=False``), the
-path the paper's numbers used: convert to RGB (non-RGB modes through RGBA composited on
-white), resize straight to (height, width) with the PIL filter named in the file, then
-rescale and normalise. Resizing happens on uint8 PIL images (in data-loader workers);
-rescale + normalise is a per-channel 256-entry lookup table applied on the device, which
-gives the reference's float32 values bit for bit.
+For NearID and SigLIP2 (``preprocessor_config.json``) this reproduces transformers'
+PIL-backend ``SiglipImageProcessor`` (``use_fast=False``), the path the paper's numbers
+used: convert to RGB (non-RGB modes through RGBA composited on white), resize straight to
+(height, width) with the PIL filter named in the file, then rescale and normalise.
+For the CLIP and DINOv2 baselines it reproduces the eval transforms of open_clip and timm
+(``open_clip_config.json`` / timm's ``pretrained_cfg``): plain ``convert("RGB")``, resize
+the shortest edge, centre crop, then ``ToTensor`` + ``Normalize``.
+
+Resizing happens on uint8 PIL images (in data-loader workers); rescale + normalise is a
+per-channel 256-entry lookup table applied on the device, which gives the reference's
+float32 values bit for bit.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +26,21 @@ import torch
 from PIL import Image
 
 
+RESIZE_MODES = ("squash", "shortest")
+RGB_MODES = ("white", "convert")
+_PIL_FILTERS = {"bilinear": int(Image.Resampling.BILINEAR), "bicubic": int(Image.Resampling.BICUBIC)}
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """The fields of a ``SiglipImageProcessor`` config that define the pixels."""
+    """What turns a decoded image into model input pixels.
+
+    ``resize_mode``: ``squash`` resizes straight to (height, width) (SigLIP); ``shortest``
+    resizes the shortest edge to ``shortest_edge`` (aspect kept, as torchvision's
+    ``Resize(int)``) then centre-crops (height, width) (CLIP, DINOv2).
+    ``rgb_mode``: ``white`` composites non-RGB images on white through RGBA (transformers'
+    processors); ``convert`` is PIL's plain ``convert("RGB")`` (open_clip, timm loaders).
+    """
 
     height: int
     width: int
@@ -32,6 +50,17 @@ class PreprocessConfig:
     do_normalize: bool = True
     image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    resize_mode: str = "squash"
+    shortest_edge: int | None = None
+    rgb_mode: str = "white"
+
+    def __post_init__(self):
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        if self.rgb_mode not in RGB_MODES:
+            raise ValueError(f"rgb_mode must be one of {RGB_MODES}, got {self.rgb_mode!r}")
+        if (self.resize_mode == "shortest") != (self.shortest_edge is not None):
+            raise ValueError("shortest_edge is given exactly when resize_mode is 'shortest'")
 
     @classmethod
     def from_dict(cls, config: dict) -> PreprocessConfig:
@@ -60,6 +89,40 @@ class PreprocessConfig:
             return cls.from_dict(json.load(f))
 
 
+def config_from_open_clip(preprocess_cfg: Mapping, image_size: int | Sequence[int]) -> PreprocessConfig:
+    """The eval transform open_clip builds from a model's ``preprocess_cfg`` (``shortest``/``squash`` modes).
+
+    Shortest-edge mode on a square size resizes the shortest edge to that size, then crops.
+    """
+    height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    mode = preprocess_cfg.get("resize_mode", "shortest")
+    interpolation = preprocess_cfg.get("interpolation", "bicubic")
+    if mode not in RESIZE_MODES or interpolation not in _PIL_FILTERS:
+        raise ValueError(f"unsupported open_clip preprocessing: resize_mode={mode!r}, interpolation={interpolation!r}")
+    if mode == "shortest" and height != width:
+        raise ValueError(f"open_clip shortest-edge resize needs a square image size, got {height}x{width}")
+    return PreprocessConfig(
+        height=height, width=width, resample=_PIL_FILTERS[interpolation],
+        image_mean=_per_channel(preprocess_cfg["mean"]), image_std=_per_channel(preprocess_cfg["std"]),
+        resize_mode=mode, shortest_edge=height if mode == "shortest" else None, rgb_mode="convert",
+    )
+
+
+def config_from_timm(data_config: Mapping) -> PreprocessConfig:
+    """timm's eval transform for a resolved data config (``timm.data.resolve_data_config``), centre-crop mode."""
+    _, height, width = data_config["input_size"]
+    interpolation = data_config.get("interpolation", "bicubic")
+    if data_config.get("crop_mode", "center") != "center" or interpolation not in _PIL_FILTERS or height != width:
+        raise ValueError(f"unsupported timm data config {dict(data_config)!r}: need square centre crop, "
+                         f"bilinear or bicubic")
+    return PreprocessConfig(
+        height=height, width=width, resample=_PIL_FILTERS[interpolation],
+        image_mean=_per_channel(data_config["mean"]), image_std=_per_channel(data_config["std"]),
+        resize_mode="shortest", shortest_edge=math.floor(height / data_config.get("crop_pct", 1.0)),
+        rgb_mode="convert",
+    )
+
+
 def _per_channel(value: float | Sequence[float]) -> tuple[float, ...]:
     values = (value,) * 3 if isinstance(value, (int, float)) else tuple(value)
     if len(values) != 3:
@@ -82,11 +145,31 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def resize_to_uint8(image: Image.Image, config: PreprocessConfig) -> torch.Tensor:
-    """PIL image (any mode) -> RGB, resized to the model's input: uint8 tensor [3, H, W]."""
-    rgb = to_rgb(image)
-    if rgb.size != (config.width, config.height):
-        rgb = rgb.resize((config.width, config.height), resample=config.resample, reducing_gap=None)
+    """PIL image (any mode) -> RGB, resized (and cropped) to the model's input: uint8 tensor [3, H, W]."""
+    rgb = to_rgb(image) if config.rgb_mode == "white" else image.convert("RGB")
+    if config.resize_mode == "squash":
+        size = (config.width, config.height)
+    else:  # shortest edge -> shortest_edge, long edge truncated as torchvision does
+        w, h = rgb.size
+        short, long = min(w, h), max(w, h)
+        new_long = int(config.shortest_edge * long / short)
+        size = (config.shortest_edge, new_long) if w <= h else (new_long, config.shortest_edge)
+    if rgb.size != size:
+        rgb = rgb.resize(size, resample=config.resample, reducing_gap=None)
+    if config.resize_mode == "shortest":
+        rgb = _center_crop(rgb, config.height, config.width)
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
+
+
+def _center_crop(image: Image.Image, height: int, width: int) -> Image.Image:
+    """torchvision's ``CenterCrop`` on PIL: offsets rounded half to even, zero padding if too small."""
+    w, h = image.size
+    if w < width or h < height:
+        padded = Image.new(image.mode, (max(w, width), max(h, height)))
+        padded.paste(image, ((max(w, width) - w) // 2, (max(h, height) - h) // 2))
+        image, (w, h) = padded, padded.size
+    top, left = int(round((h - height) / 2.0)), int(round((w - width) / 2.0))
+    return image.crop((left, top, left + width, top + height))
 
 
 def normalization_table(config: PreprocessConfig) -> torch.Tensor:
