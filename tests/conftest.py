@@ -25,6 +25,14 @@ from transformers import SiglipVisionConfig, SiglipVisionModel
 TINY_VISION = dict(hidden_size=48, intermediate_size=100, num_hidden_layers=2, num_attention_heads=4,
                    image_size=56, patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
 
+# Tiny baselines: an open_clip CLIP (ViT image tower) and a timm DINOv2 ViT.
+OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
+TINY_CLIP = dict(embed_dim=16, quick_gelu=True,
+                 vision_cfg=dict(image_size=32, layers=2, width=64, patch_size=16, head_width=32),
+                 text_cfg=dict(context_length=8, vocab_size=100, width=32, heads=2, layers=1))
+TINY_DINO = dict(embed_dim=48, depth=2, num_heads=4, img_size=56)
+
 
 def preprocessor_dict(size: int, resample: int = 2) -> dict:
     """A SiglipImageProcessor config like the SigLIP2 base model's, at ``size`` px."""
@@ -178,3 +186,61 @@ def nearid_state_dict(model: SiglipVisionModel, key_layout: str = "transformers4
     prefix = {"transformers4": "backbone.vision_model.", "transformers5": "backbone."}[key_layout]
     return {prefix + k.removeprefix("vision_model."): v for k, v in model.state_dict().items()}
 
+
+# --- tiny baseline checkpoints, each written by the library that defines it ---------------------
+
+
+def randomize_(module: torch.nn.Module, seed: int) -> None:
+    """Overwrite every parameter with noise (norm scales around 1) so no block is a near-identity."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * noise)
+            elif name.endswith(("gamma", "lambda1")):
+                p.copy_(0.5 + 0.1 * noise)
+            else:
+                p.copy_(0.05 * noise)
+
+
+@pytest.fixture(scope="session")
+def siglip_base(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    """A tiny SigLIP image-text model saved as the google/siglip2 repos are (text tower included)."""
+    from transformers import SiglipConfig, SiglipModel
+
+    torch.manual_seed(1)
+    text = dict(hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=2,
+                vocab_size=64, max_position_embeddings=16, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = SiglipModel(SiglipConfig(text_config=text, vision_config=TINY_VISION)).eval()
+    folder = tmp_path_factory.mktemp("siglip2-base")
+    model.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor_dict(TINY_VISION["image_size"])))
+    return folder, model.vision_model
+
+
+@pytest.fixture(scope="session")
+def clip_folder(tmp_path_factory) -> Path:
+    import open_clip
+
+    torch.manual_seed(2)
+    model = open_clip.CLIP(**TINY_CLIP)
+    randomize_(model, 2)
+    folder = tmp_path_factory.mktemp("clip")
+    preprocess_cfg = {"mean": OPENAI_MEAN, "std": OPENAI_STD, "interpolation": "bicubic", "resize_mode": "shortest"}
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP, "preprocess_cfg": preprocess_cfg}))
+    save_file(model.state_dict(), folder / "open_clip_model.safetensors")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def dino_folder(tmp_path_factory) -> Path:
+    import timm
+    from timm.models._hub import save_for_hf
+
+    model = timm.create_model("vit_large_patch14_dinov2", pretrained=False, num_classes=0, **TINY_DINO)
+    randomize_(model, 3)
+    folder = tmp_path_factory.mktemp("dinov2")
+    save_for_hf(model, folder, model_args=TINY_DINO, safe_serialization=True)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    return folder

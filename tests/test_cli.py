@@ -72,14 +72,16 @@ def test_name_pairing_scores_good_pairs_and_names_every_bad_file(folders, checkp
     assert [(Path(r["ref"]).relative_to(ref).as_posix(), Path(r["gen"]).relative_to(gen).as_posix()) for r in rows] \
         == [("a.png", "a.jpg"), ("sub/d.png", "sub/d.png")]
     expected = scorer.score([ref / "a.png", ref / "sub/d.png"], [gen / "a.jpg", gen / "sub/d.png"])
-    assert torch.allclose(torch.tensor([float(r["score"]) for r in rows]), expected, atol=1e-6)
-    assert {r["signature"] for r in rows} == {scorer.signature}
+    assert list(rows[0]) == ["ref", "gen", "nearid"]
+    assert torch.allclose(torch.tensor([float(r["nearid"]) for r in rows]), expected, atol=1e-6)
 
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["count"] == 2 and summary["pairs_total"] == 7 and summary["pairs_skipped"] == 5
-    assert summary["mean"] == pytest.approx(expected.mean().item(), abs=1e-6)
-    assert summary["std"] == pytest.approx(expected.std().item(), abs=1e-6)  # sample std (ddof=1)
-    assert summary["signature"] == scorer.signature
+    assert summary["pairs_scored"] == 2 and summary["pairs_total"] == 7 and summary["pairs_skipped"] == 5
+    model = summary["models"]["nearid"]
+    assert model["count"] == 2
+    assert model["mean"] == pytest.approx(expected.mean().item(), abs=1e-6)
+    assert model["std"] == pytest.approx(expected.std().item(), abs=1e-6)  # sample std (ddof=1)
+    assert model["signature"] == scorer.signature
     reasons = {Path(f["path"]).name: f["reason"] for f in summary["failures"]}
     assert set(reasons) == {"b.png", "c.png", "e.png", "f.png", "g.png"}
     assert "empty file" in reasons["b.png"]
@@ -94,7 +96,7 @@ def test_name_pairing_scores_good_pairs_and_names_every_bad_file(folders, checkp
     for name in ["b.png", "c.png", "e.png", "f.png", "g.png", "only_ref.png", "only_gen.png"]:
         assert name in captured.err, name  # one line per problem on stderr
     assert "count: 2" in captured.out
-    assert f"mean: {expected.mean().item():.6f}" in captured.out
+    assert f"nearid: mean {expected.mean().item():.6f}" in captured.out
 
 
 def test_strict_fails_on_any_problem(folders, checkpoint_dir):
@@ -125,7 +127,7 @@ def test_all_pairing_equals_score_matrix(tmp_path, checkpoint_dir, scorer):
     assert len(rows) == 6
     for r in rows:
         i, j = refs.index(Path(r["ref"])), gens.index(Path(r["gen"]))
-        assert float(r["score"]) == pytest.approx(matrix[i, j].item(), abs=1e-6)
+        assert float(r["nearid"]) == pytest.approx(matrix[i, j].item(), abs=1e-6)
 
 
 def test_manifest_pairing(tmp_path, checkpoint_dir, scorer, capsys):
@@ -141,7 +143,7 @@ def test_manifest_pairing(tmp_path, checkpoint_dir, scorer, capsys):
                    "--out", out) == 0
     rows = read_csv(out / "scores.csv")
     expected = scorer.score([ref / "dog.png"] * 2, [gen / "dog_seed0.png", gen / "dog_seed1.png"])
-    assert torch.allclose(torch.tensor([float(r["score"]) for r in rows]), expected, atol=1e-6)
+    assert torch.allclose(torch.tensor([float(r["nearid"]) for r in rows]), expected, atol=1e-6)
 
     manifest.write_text("reference,generation\ndog.png,dog_seed0.png\n")
     with pytest.raises(SystemExit) as exit_info:
@@ -161,7 +163,7 @@ def test_ambiguous_names_are_reported_not_guessed(tmp_path, checkpoint_dir, caps
     out = tmp_path / "out"
     assert run_cli(ref, gen, "--model", checkpoint_dir, "--out", out) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["count"] == 1
+    assert summary["pairs_scored"] == 1
     assert len(summary["ambiguous"]) == 1 and "cat" in summary["ambiguous"][0]
     assert [Path(p).name for p in summary["unmatched"]["gen"]] == ["cat.png"]
     assert "ambiguous" in capsys.readouterr().err
@@ -172,7 +174,7 @@ def test_two_single_files_are_one_pair(tmp_path, checkpoint_dir, scorer, capsys)
     random_image(50, (64, 64)).save(a)
     random_image(51, (64, 64)).save(b)
     assert run_cli(a, b, "--model", checkpoint_dir) == 0
-    assert f"mean: {scorer.score([a], [b]).item():.6f}" in capsys.readouterr().out
+    assert f"nearid: mean {scorer.score([a], [b]).item():.6f}" in capsys.readouterr().out
 
 
 def test_missing_input_is_a_usage_error(tmp_path, checkpoint_dir, capsys):
@@ -195,3 +197,54 @@ def test_console_script_with_worker_processes(folders, checkpoint_dir, tmp_path)
     assert read_csv(out_workers / "scores.csv") == read_csv(out_inline / "scores.csv")
     failures = json.loads((out_workers / "summary.json").read_text())["failures"]
     assert len(failures) == 5
+
+
+def test_several_models_in_one_pass(folders, checkpoint_dir, clip_folder, dino_folder, tmp_path, monkeypatch, capsys):
+    """--model a,b,c decodes each file once and writes the same scores as one run per model."""
+    import nearid_metric.scorer as scorer_module
+
+    ref, gen = folders
+    models = {"nearid": checkpoint_dir, "clip-i": clip_folder, "dinov2": dino_folder}
+    separate = {}
+    for name, folder in models.items():
+        assert run_cli(ref, gen, "--model", f"{name}={folder}", "--out", tmp_path / name) == 0
+        separate[name] = read_csv(tmp_path / name / "scores.csv")
+
+    opened = []
+    real = scorer_module.load_image
+    monkeypatch.setattr(scorer_module, "load_image", lambda p: opened.append(str(p)) or real(p))
+    spec = ",".join(f"{name}={folder}" for name, folder in models.items())
+    assert run_cli(ref, gen, "--model", spec, "--out", tmp_path / "all") == 0
+    rows = read_csv(tmp_path / "all" / "scores.csv")
+    assert list(rows[0]) == ["ref", "gen", "nearid", "clip-i", "dinov2"]
+    assert len(opened) == len(set(opened)) == 7 + 7  # every paired file (both sides), once
+    for name in models:
+        assert [(r["ref"], r["gen"], r[name]) for r in rows] == [(r["ref"], r["gen"], r[name]) for r in separate[name]]
+    summary = json.loads((tmp_path / "all" / "summary.json").read_text())
+    assert list(summary["models"]) == list(models)
+    assert summary["models"]["clip-i"]["signature"].startswith("clip-i:local:")
+    assert "dinov2: mean" in capsys.readouterr().out
+
+
+def test_model_spec_errors(folders, checkpoint_dir, capsys):
+    ref, gen = folders
+    for spec, message in [("clip=x", "unknown scorer 'clip'"), (f"nearid={checkpoint_dir},nearid={checkpoint_dir}",
+                                                                "twice"), (" , ", "empty")]:
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(ref, gen, "--model", spec)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_cli(ref, gen, "--model", f"nearid={checkpoint_dir},dinov2", "--revision", "main")
+    assert "--revision applies to one model" in capsys.readouterr().err
+
+
+def test_two_nearid_checkpoints_get_distinct_columns(tmp_path, checkpoint_dir, capsys):
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    random_image(60, (64, 64)).save(a)
+    random_image(61, (64, 64)).save(b)
+    out = tmp_path / "out"
+    assert run_cli(a, b, "--model", f"{checkpoint_dir},nearid={checkpoint_dir}", "--out", out) == 0
+    rows = read_csv(out / "scores.csv")
+    assert list(rows[0])[2:] == [str(checkpoint_dir), f"nearid={checkpoint_dir}"]
+    assert rows[0][str(checkpoint_dir)] == rows[0][f"nearid={checkpoint_dir}"]

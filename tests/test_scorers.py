@@ -8,14 +8,11 @@ read back through :func:`nearid_metric.create_scorer`, the code path of the full
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_VISION, preprocessor_dict, random_image, reference_pixels, sample_pictures
+from conftest import TINY_CLIP, TINY_VISION, preprocessor_dict, random_image, reference_pixels, sample_pictures
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -25,13 +22,6 @@ from nearid_metric.preprocess import normalization_table, normalize_uint8, resiz
 from nearid_metric.scorer import embed_images
 
 TOL = 1e-5
-OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
-OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
-TINY_CLIP = dict(embed_dim=16, quick_gelu=True,
-                 vision_cfg=dict(image_size=32, layers=2, width=64, patch_size=16, head_width=32),
-                 text_cfg=dict(context_length=8, vocab_size=100, width=32, heads=2, layers=1))
-TINY_DINO = dict(embed_dim=48, depth=2, num_heads=4, img_size=56)
-
 # Sizes chosen so that the long edge after the shortest-edge resize is odd and even, and the
 # centre-crop offset (long - crop) / 2 hits .5 (rounded half to even, as torchvision does).
 CROP_SIZES = [(37, 23), (80, 61), (56, 56), (101, 47), (64, 90), (5, 130), (33, 32), (129, 64)]
@@ -40,65 +30,6 @@ CROP_SIZES = [(37, 23), (80, 61), (56, 56), (101, 47), (64, 90), (5, 130), (33, 
 def pictures() -> list[Image.Image]:
     extra = [random_image(40 + i, size) for i, size in enumerate(CROP_SIZES)]
     return sample_pictures() + extra
-
-
-def randomize_(module: torch.nn.Module, seed: int) -> None:
-    """Overwrite every parameter with noise (norm scales around 1) so no block is a near-identity."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * noise)
-            elif name.endswith(("gamma", "lambda1")):
-                p.copy_(0.5 + 0.1 * noise)
-            else:
-                p.copy_(0.05 * noise)
-
-
-# --- tiny checkpoints ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def siglip_base(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
-    """A tiny SigLIP image-text model saved as the google/siglip2 repos are (text tower included)."""
-    from transformers import SiglipConfig, SiglipModel
-
-    torch.manual_seed(1)
-    text = dict(hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=2,
-                vocab_size=64, max_position_embeddings=16, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    model = SiglipModel(SiglipConfig(text_config=text, vision_config=TINY_VISION)).eval()
-    folder = tmp_path_factory.mktemp("siglip2-base")
-    model.save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor_dict(TINY_VISION["image_size"])))
-    return folder, model.vision_model
-
-
-@pytest.fixture(scope="module")
-def clip_folder(tmp_path_factory) -> Path:
-    import open_clip
-
-    torch.manual_seed(2)
-    model = open_clip.CLIP(**TINY_CLIP)
-    randomize_(model, 2)
-    folder = tmp_path_factory.mktemp("clip")
-    preprocess_cfg = {"mean": OPENAI_MEAN, "std": OPENAI_STD, "interpolation": "bicubic", "resize_mode": "shortest"}
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP, "preprocess_cfg": preprocess_cfg}))
-    save_file(model.state_dict(), folder / "open_clip_model.safetensors")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def dino_folder(tmp_path_factory) -> Path:
-    import timm
-    from timm.models._hub import save_for_hf
-
-    model = timm.create_model("vit_large_patch14_dinov2", pretrained=False, num_classes=0, **TINY_DINO)
-    randomize_(model, 3)
-    folder = tmp_path_factory.mktemp("dinov2")
-    save_for_hf(model, folder, model_args=TINY_DINO, safe_serialization=True)
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
-    return folder
 
 
 # --- SigLIP2 readouts ----------------------------------------------------------------------------

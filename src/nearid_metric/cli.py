@@ -15,7 +15,8 @@ import numpy as np
 
 from nearid_metric._version import __version__
 from nearid_metric.pairing import Pairing, pair_all, pair_by_name, pair_from_manifest
-from nearid_metric.scorer import PRECISIONS, NearIDScore
+from nearid_metric.scorer import PRECISIONS, Scorer, embed_images
+from nearid_metric.scorers import create_scorer, list_scorers
 
 logger = logging.getLogger("nearid_metric")
 
@@ -34,20 +35,65 @@ def build_parser() -> argparse.ArgumentParser:
                         help="name: same relative path without extension (default); all: every ref x every gen; "
                              "manifest: pairs listed in --manifest")
     parser.add_argument("--manifest", type=Path, help="CSV with columns ref,gen (paths relative to REF and GEN)")
+    add_model_arguments(parser)
+    parser.add_argument("--out", type=Path, help="folder for scores.csv (per pair) and summary.json")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit 1 if any file failed, was unmatched or ambiguous")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, device and batching flags shared by every command that embeds images."""
     parser.add_argument("--model", default="nearid",
-                        help="registered name, Hub repo id or local checkpoint folder (default: nearid)")
-    parser.add_argument("--revision", help="Hub revision (branch, tag or commit) of --model")
+                        help=f"comma-separated scorers: {', '.join(list_scorers())}; NAME=WEIGHTS picks other "
+                             f"weights (local folder, registry name or Hub repo id); a bare folder or repo id "
+                             f"means nearid with those weights (default: nearid)")
+    parser.add_argument("--revision", help="Hub revision (branch, tag or commit) of the weights; one model only")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="image decoding processes (default: min(8, CPU count))")
-    parser.add_argument("--out", type=Path, help="folder for scores.csv (per pair) and summary.json")
-    parser.add_argument("--strict", action="store_true",
-                        help="exit 1 if any file failed, was unmatched or ambiguous")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    return parser
+
+
+def parse_models(spec: str) -> list[tuple[str, str, str | None]]:
+    """``--model`` -> ``[(column, scorer name, weights or None)]``.
+
+    Items are ``NAME``, ``NAME=WEIGHTS`` or (for NearID) a bare folder / repo id. The column
+    is the scorer name, or the item as written when one scorer appears more than once.
+    """
+    items = [item.strip() for item in spec.split(",") if item.strip()]
+    if not items:
+        raise ValueError("--model is empty")
+    models = []
+    for item in items:
+        name, _, weights = item.partition("=")
+        if name in list_scorers():
+            models.append((item, name, weights or None))
+        elif "=" in item:
+            raise ValueError(f"unknown scorer {name!r} in --model; known: {', '.join(list_scorers())}")
+        else:
+            models.append((item, "nearid", item))
+    names = [name for _, name, _ in models]
+    models = [(name if names.count(name) == 1 else item, name, weights) for item, name, weights in models]
+    if len({column for column, _, _ in models}) != len(models):
+        raise ValueError(f"--model lists a model twice: {spec!r}")
+    return models
+
+
+def load_scorers(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Scorer]:
+    """Build the ``--model`` scorers, by column name; bad specs are usage errors."""
+    try:
+        models = parse_models(args.model)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.revision is not None and len(models) > 1:
+        parser.error("--revision applies to one model; pin each model's weights with NAME=FOLDER instead")
+    return {column: create_scorer(name, pretrained=weights, revision=args.revision, device=args.device,
+                                  precision=args.precision)
+            for column, name, weights in models}
 
 
 def make_pairing(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Pairing:
@@ -95,12 +141,14 @@ def report_problems(pairing: Pairing, failures: dict[str, str]) -> None:
         logger.info("ignored %d files without an image extension", len(pairing.ignored))
 
 
-def write_outputs(out: Path, rows: list[tuple[str, str, float]], summary: dict) -> None:
+def write_outputs(out: Path, pairs: list[tuple[str, str]], scores: dict[str, np.ndarray], summary: dict) -> None:
+    """``scores.csv`` (ref, gen, one column per model, 8 decimals) and ``summary.json``."""
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "scores.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["ref", "gen", "score", "signature"])
-        writer.writerows([ref, gen, f"{score:.8f}", summary["signature"]] for ref, gen, score in rows)
+        writer.writerow(["ref", "gen", *scores])
+        for i, (ref, gen) in enumerate(pairs):
+            writer.writerow([ref, gen, *(f"{values[i]:.8f}" for values in scores.values())])
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
 
 
@@ -112,32 +160,33 @@ def main(argv: list[str] | None = None) -> int:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
-        return run(args, make_pairing(args, parser))
+        pairing = make_pairing(args, parser)
+        return run(args, pairing, load_scorers(args, parser))
     finally:
         logger.removeHandler(handler)
 
 
-def run(args: argparse.Namespace, pairing: Pairing) -> int:
-    """Embed every distinct file once, score the pairs, report problems, write outputs."""
-    scorer = NearIDScore.from_pretrained(args.model, revision=args.revision, device=args.device,
-                                         precision=args.precision)
+def run(args: argparse.Namespace, pairing: Pairing, scorers: dict[str, Scorer]) -> int:
+    """Embed every distinct file once (all models in one pass), score the pairs, report, write outputs."""
     paths = list(dict.fromkeys(p for pair in pairing.pairs for p in pair))  # each file decoded once
-    embeddings, failed_rows = scorer.embed_with_failures(
-        paths, batch_size=args.batch_size, num_workers=args.num_workers,
-        progress=False if args.no_progress else None)
+    embeddings, failed_rows = embed_images(list(scorers.values()), paths, batch_size=args.batch_size,
+                                           num_workers=args.num_workers,
+                                           progress=False if args.no_progress else None)
     failures = {str(paths[i]): reason for i, reason in sorted(failed_rows.items())}
     row = {p: i for i, p in enumerate(paths)}
     scored = [(r, g) for r, g in pairing.pairs if str(r) not in failures and str(g) not in failures]
-    values = (embeddings[[row[r] for r, _ in scored]] * embeddings[[row[g] for _, g in scored]]).sum(-1).numpy()
+    refs, gens = [row[r] for r, _ in scored], [row[g] for _, g in scored]
+    scores = {column: (emb[refs] * emb[gens]).sum(-1).numpy() for column, emb in zip(scorers, embeddings)}
     report_problems(pairing, failures)
 
     summary = {
-        "signature": scorer.signature,
+        "models": {column: {"signature": scorers[column].signature, **summarize(values)}
+                   for column, values in scores.items()},
         "pairing": args.pairing,
         "ref": str(args.ref),
         "gen": str(args.gen),
-        **summarize(values),
         "pairs_total": len(pairing.pairs),
+        "pairs_scored": len(scored),
         "pairs_skipped": len(pairing.pairs) - len(scored),
         "failures": [{"path": p, "reason": r} for p, r in failures.items()],
         "unmatched": {"ref": [str(p) for p in pairing.unmatched_refs], "gen": [str(p) for p in pairing.unmatched_gens]},
@@ -145,11 +194,12 @@ def run(args: argparse.Namespace, pairing: Pairing) -> int:
         "ignored_files": [str(p) for p in pairing.ignored],
     }
     if args.out is not None:
-        write_outputs(args.out, [(str(r), str(g), float(v)) for (r, g), v in zip(scored, values)], summary)
+        write_outputs(args.out, [(str(r), str(g)) for r, g in scored], scores, summary)
 
-    print(f"count: {summary['count']}")
-    print(f"mean: {summary['mean']:.6f}" if scored else "mean: n/a (nothing scored)")
-    print(f"signature: {scorer.signature}")
+    print(f"count: {len(scored)}")
+    for column, values in scores.items():
+        print(f"{column}: mean {values.mean():.6f}" if scored else f"{column}: mean n/a (nothing scored)")
+        print(f"{column}: signature {scorers[column].signature}")
     if not scored:
         return EXIT_NOTHING_SCORED
     problems = failures or pairing.unmatched_refs or pairing.unmatched_gens or pairing.ambiguous

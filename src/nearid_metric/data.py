@@ -1,0 +1,592 @@
+"""The NearID and MTG benchmarks as samples of image sources, and their similarity columns.
+
+A sample holds image *sources* (paths, or :class:`~nearid_metric.images.EncodedImage` for
+images stored inside a table), never pixels. A run embeds :func:`unique_images` once and turns
+the embeddings into per-sample columns with :func:`nearid_similarities` /
+:func:`mtg_similarities`; the protocol computes margins and rates from those columns.
+
+Layouts
+-------
+NearID tables (:func:`read_nearid_parquet`, :func:`read_nearid_hf`):
+  positives ``id, img1, img2, img3`` (view k-1 is ``imgk``); distractors, one table per
+  inpainting generator/setting, ``id`` and ``img1..img3`` or ``nimg1..nimg3`` (distractor j is
+  inpainted into the background of view j), joined on ``id``. A positive without distractors
+  is kept with missing distractors, distractors without positives are dropped; both are
+  logged as warnings. An id twice on one side is an error.
+MTG tables (:func:`read_mtg_parquet`, :func:`read_mtg_hf`):
+  ``image_{1,2}_original``, ``image_{1,2}_inpainted`` (the ``1p``/``2p`` images),
+  ``image_{1,2}_object_mask``, ``image_{1,2}_part_mask``, and ``id`` if present (else the row
+  number, counted across all files).
+  In both, an image cell is a Hugging Face ``Image`` struct ``{bytes, path}`` (a struct without
+  bytes uses its path, relative to the table's folder) or raw bytes; a null cell is a missing
+  image. A table path is a ``.parquet`` file, an Arrow stream file (``.arrow``, what
+  ``datasets``' ``save_to_disk`` writes), a folder of those (not recursive), or a list of them.
+NearID image folders (:func:`read_nearid_folder`), for your own benchmarks::
+
+      root/<sample>/view_0.png  view_1.jpg  view_2.png  distractor_0.png ...  (one group)
+      root/<group>/<sample>/view_0.png ...                                 (several groups)
+
+  Slot files are ``view_{0,1,2}`` and ``distractor_{0,1,2}`` with any extension of
+  ``IMAGE_EXTENSIONS`` (case-insensitive); a missing file is a missing image. The layout is
+  detected: ``root``'s sub-folders are samples if they hold slot files, groups if their own
+  sub-folders do; a mix is an error. Two files for one slot are an error; other files and
+  folders with no slot file are logged and skipped. Sample ids are folder names.
+
+The group names the inpainting generator/setting; by default it is the distractor table's
+file or folder name (the common folder of a list of files), the Hub repo's name, or the
+folder-layout root's (or group folder's) name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from nearid_metric.images import IMAGE_EXTENSIONS, EncodedImage, ImageSource, load_image
+
+logger = logging.getLogger(__name__)
+
+TablePaths = str | os.PathLike | Sequence[str | os.PathLike]
+Views = tuple[ImageSource | None, ImageSource | None, ImageSource | None]
+
+_BATCH_ROWS = 64  # rows decoded from a table at a time (image bytes dominate memory)
+_DOT_CHUNK = 4096  # pairs per chunk when computing similarities
+_EXAMPLES = 5  # ids/files named in a warning or error before "..."
+_PAIRS = ((0, 1), (0, 2), (1, 2))
+_MTG_COLUMNS = {  # MTGSample field -> table column
+    "image_1": "image_1_original",
+    "image_2": "image_2_original",
+    "image_1p": "image_1_inpainted",
+    "image_2p": "image_2_inpainted",
+    "object_mask_1": "image_1_object_mask",
+    "object_mask_2": "image_2_object_mask",
+    "part_mask_1": "image_1_part_mask",
+    "part_mask_2": "image_2_part_mask",
+}
+_MTG_PAIRS = {"sim_1_2": ("image_1", "image_2"), "sim_1_1p": ("image_1", "image_1p"),
+              "sim_1_2p": ("image_1", "image_2p"), "sim_2_2p": ("image_2", "image_2p"),
+              "sim_2_1p": ("image_2", "image_1p")}
+_SLOT = re.compile(r"(view|distractor)_([012])")
+
+
+@dataclass(frozen=True)
+class NearIDSample:
+    """One identity: up to 3 positive views and 3 matched-context distractors (None = missing).
+
+    Distractor j is a similar but different object inpainted into the background of view j.
+    """
+
+    id: str
+    group: str
+    views: Views
+    distractors: Views
+
+    def __post_init__(self) -> None:
+        for name in ("views", "distractors"):
+            value = tuple(getattr(self, name))
+            if len(value) != 3:
+                raise ValueError(f"sample {self.id!r}: {name} needs 3 entries (None for missing), got {len(value)}")
+            object.__setattr__(self, name, value)
+
+    @property
+    def images(self) -> tuple[ImageSource | None, ...]:
+        """The 6 images to embed: views 0..2, then distractors 0..2."""
+        return self.views + self.distractors
+
+
+@dataclass(frozen=True)
+class MTGSample:
+    """One MTG pair: views ``1``, ``2``, the part-edited ``1p``, ``2p``, and their masks (None = missing)."""
+
+    id: str
+    group: str
+    image_1: ImageSource | None
+    image_2: ImageSource | None
+    image_1p: ImageSource | None
+    image_2p: ImageSource | None
+    object_mask_1: ImageSource | None
+    object_mask_2: ImageSource | None
+    part_mask_1: ImageSource | None
+    part_mask_2: ImageSource | None
+
+    @property
+    def images(self) -> tuple[ImageSource | None, ...]:
+        """The 4 images to embed (masks are not embedded): ``1, 2, 1p, 2p``."""
+        return self.image_1, self.image_2, self.image_1p, self.image_2p
+
+
+# --- tables: parquet / Arrow files and Hugging Face datasets -----------------------------------
+
+
+@dataclass(frozen=True)
+class _Table:
+    label: str  # names the table in messages and in EncodedImage names
+    schema: Any  # pyarrow.Schema
+    batches: Callable[[list[str]], Iterable[Any]]  # columns -> pyarrow RecordBatches or Tables
+    base: Path | None  # folder that relative image paths in cells are resolved against
+
+
+def _pyarrow():
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise ImportError("reading benchmark tables needs pyarrow: pip install 'nearid-metric[data]'") from None
+    return pyarrow
+
+
+def _table_files(paths: TablePaths, role: str) -> list[Path]:
+    """The table files named by ``paths`` (a file, a folder of tables, or a list of those)."""
+    items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if not items:
+        raise ValueError(f"no {role} files given")
+    files = []
+    for item in map(Path, items):
+        if item.is_dir():
+            found = sorted(f for f in item.iterdir()
+                           if f.suffix in (".parquet", ".arrow") and not f.name.startswith("."))
+            if not found:
+                raise ValueError(f"{item}: no .parquet or .arrow files in this {role} folder")
+            files.extend(found)
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise FileNotFoundError(f"{role} table not found: {item}")
+    return files
+
+
+def _default_group(paths: TablePaths) -> str:
+    items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if len(items) == 1:
+        path = Path(items[0]).resolve()
+        return path.name if path.is_dir() else path.stem
+    parents = {Path(p).resolve().parent for p in items}
+    if len(parents) != 1:
+        raise ValueError(f"{len(items)} table files in different folders name no group: pass group=")
+    return parents.pop().name
+
+
+def _open_file(path: Path) -> _Table:
+    pa = _pyarrow()
+    try:
+        if path.suffix == ".arrow":
+            with pa.memory_map(str(path)) as source:
+                schema = pa.ipc.open_stream(source).schema
+        else:
+            schema = pa.parquet.read_schema(path)
+    except (pa.ArrowException, OSError) as e:
+        kind = "an Arrow stream" if path.suffix == ".arrow" else "a parquet file"
+        raise ValueError(f"{path}: cannot read as {kind} ({e})") from None
+
+    def batches(columns: list[str]) -> Iterator[Any]:
+        if path.suffix == ".arrow":
+            with pa.memory_map(str(path)) as source:
+                for batch in pa.ipc.open_stream(source):
+                    yield batch.select(columns)
+        else:
+            yield from pa.parquet.ParquetFile(path).iter_batches(batch_size=_BATCH_ROWS, columns=columns)
+
+    return _Table(str(path), schema, batches, path.parent)
+
+
+def _check_columns(table: _Table, image_columns: Sequence[str], id_column: str | None) -> None:
+    pa = _pyarrow()
+    names = set(table.schema.names)
+    missing = [c for c in (*([id_column] if id_column else []), *image_columns) if c not in names]
+    if missing:
+        raise ValueError(f"{table.label}: missing column(s) {', '.join(missing)} "
+                         f"(it has {', '.join(table.schema.names) or 'none'})")
+    for column in image_columns:
+        kind = table.schema.field(column).type
+        is_struct = pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0
+        if not (is_struct or pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
+            raise ValueError(f"{table.label}: column {column!r} has type {kind}; expected image cells "
+                             "(binary, or a struct {bytes, path} as Hugging Face datasets store images)")
+
+
+def _image_cell(cell: Any, name: str, base: Path | None) -> ImageSource | None:
+    """An image source from a table cell: raw bytes or a ``{bytes, path}`` struct; None if null."""
+    if isinstance(cell, dict):
+        if cell.get("bytes") is not None:
+            return EncodedImage(name, cell["bytes"])
+        if cell.get("path"):
+            path = Path(cell["path"])
+            return path if path.is_absolute() or base is None else base / path
+        return None
+    return None if cell is None else EncodedImage(name, cell)
+
+
+def _read_rows(tables: Sequence[_Table], image_columns: Sequence[str], id_column: str | None,
+               role: str) -> dict[str, tuple[ImageSource | None, ...]]:
+    """id -> image sources (in ``image_columns`` order), in table order; duplicate ids are an error.
+
+    Without ``id_column`` the id is the row number counted over all ``tables``.
+    """
+    for table in tables:
+        _check_columns(table, image_columns, id_column)
+    rows: dict[str, tuple[ImageSource | None, ...]] = {}
+    where: dict[str, str] = {}
+    duplicates = []
+    for table in tables:
+        columns = [*([id_column] if id_column else []), *image_columns]
+        for batch in table.batches(columns):
+            for row in batch.to_pylist():
+                if id_column is None:
+                    key = str(len(rows))
+                elif row[id_column] is None:
+                    raise ValueError(f"{table.label}: a row has a null {id_column!r}")
+                else:
+                    key = str(row[id_column])
+                if key in rows:
+                    also = "" if where[key] == table.label else f" and {table.label}"
+                    duplicates.append(f"{key!r} in {where[key]}{also}")
+                    continue
+                where[key] = table.label
+                rows[key] = tuple(_image_cell(row[c], f"{table.label}#id={key}/{c}", table.base) for c in image_columns)
+    if duplicates:
+        raise ValueError(f"{role}: {len(duplicates)} duplicate id(s), each id must name one sample: "
+                         + _examples(duplicates))
+    return rows
+
+
+def _examples(items: Sequence[str]) -> str:
+    return ", ".join(items[:_EXAMPLES]) + (", ..." if len(items) > _EXAMPLES else "")
+
+
+def _distractor_columns(table: _Table, prefix: str) -> list[str]:
+    if prefix == "auto":
+        found = [p for p in ("img", "nimg") if any(f"{p}{k}" in table.schema.names for k in (1, 2, 3))]
+        if not found:
+            raise ValueError(f"{table.label}: distractor table has neither img1..img3 nor nimg1..nimg3 columns "
+                             f"(it has {', '.join(table.schema.names)})")
+        if len(found) > 1:
+            raise ValueError(f"{table.label}: distractor table has both img1..img3 and nimg1..nimg3 columns; "
+                             "pass distractor_prefix='img' or 'nimg'")
+        prefix = found[0]
+    elif prefix not in ("img", "nimg"):
+        raise ValueError(f"distractor_prefix must be 'auto', 'img' or 'nimg', not {prefix!r}")
+    return [f"{prefix}{k}" for k in (1, 2, 3)]
+
+
+def _join_nearid(positives: Sequence[_Table], distractors: Sequence[_Table], prefix: str,
+                 group: str) -> list[NearIDSample]:
+    views = _read_rows(positives, ["img1", "img2", "img3"], "id", "positives")
+    negatives: dict[str, tuple[ImageSource | None, ...]] = {}
+    for table in distractors:
+        rows = _read_rows([table], _distractor_columns(table, prefix), "id", "distractors")
+        again = sorted(rows.keys() & negatives.keys())
+        if again:
+            raise ValueError(f"distractors: {len(again)} id(s) of {table.label} already in an earlier "
+                             f"distractor file: {_examples(again)}")
+        negatives.update(rows)
+    positive_labels = ", ".join(t.label for t in positives)
+    distractor_labels = ", ".join(t.label for t in distractors)
+    if not views.keys() & negatives.keys():
+        raise ValueError(f"no id is in both the positives ({positive_labels}) and the distractors "
+                         f"({distractor_labels}): are they from the same benchmark split?")
+    lonely = [k for k in views if k not in negatives]
+    if lonely:
+        logger.warning("group %s: %d positive sample(s) have no distractor row in %s and are kept "
+                       "without distractors: %s", group, len(lonely), distractor_labels, _examples(lonely))
+    orphans = [k for k in negatives if k not in views]
+    if orphans:
+        logger.warning("group %s: %d distractor row(s) have no positives in %s and are dropped: %s",
+                       group, len(orphans), positive_labels, _examples(orphans))
+    return [NearIDSample(key, group, images, negatives.get(key, (None, None, None)))
+            for key, images in views.items()]
+
+
+def read_nearid_parquet(positives: TablePaths, distractors: TablePaths, *,
+                        distractor_prefix: Literal["auto", "img", "nimg"] = "auto",
+                        group: str | None = None) -> list[NearIDSample]:
+    """NearID samples from a positives table and a distractor table, joined on ``id``.
+
+    ``positives``/``distractors``: a ``.parquet`` or ``.arrow`` file, a folder of them, or a
+    list. ``distractor_prefix``: which distractor columns hold the images (``img1..3`` or
+    ``nimg1..3``; "auto" picks the one present). ``group`` defaults to the distractor file's or
+    folder's name. Samples come in positives order; only the needed columns are read, but all
+    image bytes are kept in memory. Raises ``ValueError`` naming the file for missing columns,
+    duplicate ids, or no common ids.
+    """
+    return _join_nearid([_open_file(f) for f in _table_files(positives, "positives")],
+                        [_open_file(f) for f in _table_files(distractors, "distractors")],
+                        distractor_prefix, group or _default_group(distractors))
+
+
+def read_mtg_parquet(path: TablePaths, *, group: str | None = None) -> list[MTGSample]:
+    """MTG samples from a table (``.parquet``/``.arrow`` file, folder or list); see the module docstring.
+
+    ``group`` defaults to the file's or folder's name. Raises ``ValueError`` naming the file
+    for missing columns or duplicate ids.
+    """
+    return _mtg_samples([_open_file(f) for f in _table_files(path, "MTG")], group or _default_group(path))
+
+
+def _mtg_samples(tables: Sequence[_Table], group: str) -> list[MTGSample]:
+    without_id = [t.label for t in tables if "id" not in t.schema.names]
+    if without_id and len(without_id) < len(tables):
+        raise ValueError(f"MTG: some files have an 'id' column and some do not ({_examples(without_id)})")
+    id_column = None if without_id else "id"
+    rows = _read_rows(tables, list(_MTG_COLUMNS.values()), id_column, "MTG")
+    if not rows:
+        raise ValueError(f"no MTG rows in {', '.join(t.label for t in tables)}")
+    return [MTGSample(key, group, **dict(zip(_MTG_COLUMNS, images, strict=True))) for key, images in rows.items()]
+
+
+# --- Hugging Face datasets ---------------------------------------------------------------------
+
+
+def _hf_table(source: Any, split: str, revision: str | None) -> _Table:
+    """A table over a ``datasets.Dataset``, loading ``source`` from the Hub first if it is a repo id."""
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError("reading from the Hugging Face Hub needs the datasets library: "
+                          "pip install 'nearid-metric[hf]'") from None
+    label = source if isinstance(source, str) else (getattr(source.info, "dataset_name", None) or "dataset")
+    if isinstance(source, str):
+        source = datasets.load_dataset(source, split=split, revision=revision)
+        label = f"{label}[{split}]"
+
+    def batches(columns: list[str]) -> Iterator[Any]:
+        yield from source.with_format("arrow", columns=columns).iter(batch_size=_BATCH_ROWS)
+
+    return _Table(label, source.features.arrow_schema, batches, None)
+
+
+def _hf_group(source: Any) -> str:
+    if isinstance(source, str):
+        return source.rstrip("/").rsplit("/", 1)[-1]
+    name = getattr(source.info, "dataset_name", None)
+    if not name:
+        raise ValueError("the distractor dataset has no name to use as its group: pass group=")
+    return name
+
+
+def read_nearid_hf(positives: Any, distractors: Any, *, split: str = "train", revision: str | None = None,
+                   distractor_prefix: Literal["auto", "img", "nimg"] = "auto",
+                   group: str | None = None) -> list[NearIDSample]:
+    """NearID samples from Hugging Face datasets (needs ``pip install 'nearid-metric[hf]'``).
+
+    ``positives``/``distractors``: a Hub repo id (or local dataset folder) loaded with
+    ``datasets.load_dataset(..., split=split, revision=revision)``, or a loaded
+    ``datasets.Dataset``. Columns and joining as in :func:`read_nearid_parquet`; ``group``
+    defaults to the distractor repo's name (e.g. ``NearID-PowerPaint``).
+    """
+    return _join_nearid([_hf_table(positives, split, revision)], [_hf_table(distractors, split, revision)],
+                        distractor_prefix, group or _hf_group(distractors))
+
+
+def read_mtg_hf(source: Any, *, split: str = "train", revision: str | None = None,
+                group: str | None = None) -> list[MTGSample]:
+    """MTG samples from a Hub repo id (or local dataset folder) or a loaded ``datasets.Dataset``."""
+    return _mtg_samples([_hf_table(source, split, revision)], group or _hf_group(source))
+
+
+# --- image folders -----------------------------------------------------------------------------
+
+
+def _entries(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def _slot(path: Path) -> tuple[str, int] | None:
+    """``("view", k)`` or ``("distractor", k)`` for a slot image file, else None."""
+    match = _SLOT.fullmatch(path.stem.lower())
+    if match is None or path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
+        return None
+    return match[1], int(match[2])
+
+
+def _is_sample_folder(folder: Path) -> bool:
+    return folder.is_dir() and any(_slot(p) for p in _entries(folder))
+
+
+def _folder_sample(folder: Path, group: str, ignored: list[Path]) -> NearIDSample | None:
+    slots: dict[tuple[str, int], Path] = {}
+    for path in _entries(folder):
+        slot = _slot(path)
+        if slot is None:
+            ignored.append(path)
+        elif slot in slots:
+            raise ValueError(f"{folder}: two files for {slot[0]}_{slot[1]}: {slots[slot].name} and {path.name}; "
+                             "keep one")
+        else:
+            slots[slot] = path
+    if not slots:
+        return None
+    return NearIDSample(folder.name, group, tuple(slots.get(("view", k)) for k in range(3)),
+                        tuple(slots.get(("distractor", k)) for k in range(3)))
+
+
+def read_nearid_folder(root: str | os.PathLike, *, group: str | None = None) -> list[NearIDSample]:
+    """NearID samples from ``root/<sample>/`` or ``root/<group>/<sample>/`` image folders.
+
+    See the module docstring for the layout. ``group`` names the group of a one-level layout
+    (default: ``root``'s name); in a two-level layout the group folders name the groups and
+    ``group`` must be None. Samples are sorted by group folder, then sample folder.
+    Raises ``ValueError`` for two files in one slot, a mixed layout, or no sample at all.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise NotADirectoryError(f"NearID folder not found or not a folder: {root}")
+    folders = [p for p in _entries(root) if p.is_dir()]
+    sample_folders = [p for p in folders if _is_sample_folder(p)]
+    group_folders = [p for p in folders if p not in sample_folders and any(map(_is_sample_folder, _entries(p)))]
+    if sample_folders and group_folders:
+        raise ValueError(f"{root}: mixes sample folders ({_examples([p.name for p in sample_folders])}) and "
+                         f"group folders ({_examples([p.name for p in group_folders])}); use either "
+                         "root/<sample>/view_0.png or root/<group>/<sample>/view_0.png")
+    if group_folders and group is not None:
+        raise ValueError(f"{root}: holds group folders ({_examples([p.name for p in group_folders])}), "
+                         "which name the groups; pass group=None")
+    layout = [(p.name, p) for p in group_folders] or [(group or root.resolve().name, root)]
+    ignored = [p for p in _entries(root) if not p.is_dir()] if group_folders else []
+    empty = [p for p in folders if p not in group_folders] if group_folders else []
+    samples = []
+    for name, folder in layout:
+        for path in _entries(folder):
+            if not path.is_dir():
+                ignored.append(path)
+                continue
+            sample = _folder_sample(path, name, ignored)
+            if sample is None:
+                empty.append(path)
+            else:
+                samples.append(sample)
+    if ignored:
+        logger.warning("%s: ignored %d file(s) or folder(s) that are not view_K/distractor_K images (K = 0, 1, 2): %s",
+                       root, len(ignored), _examples([str(p) for p in ignored]))
+    if empty:
+        logger.warning("%s: skipped %d folder(s) without any view_K/distractor_K image: %s",
+                       root, len(empty), _examples([str(p) for p in empty]))
+    if not samples:
+        raise ValueError(f"{root}: no NearID samples (expected {root}/<sample>/view_0.png ... distractor_2.png)")
+    return samples
+
+
+# --- from embeddings to similarity columns -----------------------------------------------------
+
+
+def _image_key(image: ImageSource) -> Any:
+    """Identity of an image source: the EncodedImage itself, or the path as a string."""
+    return image if isinstance(image, EncodedImage) else os.fspath(image)
+
+
+def unique_images(samples: Iterable[NearIDSample | MTGSample]) -> list[ImageSource]:
+    """Each image to embed once, in order of first appearance (masks excluded).
+
+    Paths are the same image when ``os.fspath`` gives the same string; an ``EncodedImage``
+    when its name and bytes are equal (so re-reading a positives table for another
+    distractor group repeats no work).
+    """
+    seen: dict[Any, ImageSource] = {}
+    for sample in samples:
+        for image in sample.images:
+            if image is not None:
+                seen.setdefault(_image_key(image), image)
+    return list(seen.values())
+
+
+def _as_matrix(embeddings: Any) -> np.ndarray:
+    if hasattr(embeddings, "detach"):  # a torch tensor; numpy has no bfloat16
+        embeddings = embeddings.detach().cpu()
+        if not embeddings.is_floating_point() or embeddings.element_size() < 4:
+            embeddings = embeddings.float()
+        embeddings = embeddings.numpy()
+    embeddings = np.asarray(embeddings)
+    if embeddings.ndim != 2:
+        raise ValueError(f"embeddings must be a 2-D [images, dim] array, got shape {embeddings.shape}")
+    return embeddings
+
+
+def _rows_of(images: Sequence[ImageSource | None], index: dict[Any, int]) -> np.ndarray:
+    """Embedding row of each image, -1 for a missing image; [N] int64."""
+    rows = np.full(len(images), -1, dtype=np.int64)
+    for n, image in enumerate(images):
+        if image is not None:
+            try:
+                rows[n] = index[_image_key(image)]
+            except KeyError:
+                raise KeyError(f"image {image} is not in the embedding index") from None
+    return rows
+
+
+def _lookup(embeddings: Any, index: Mapping[ImageSource, int]) -> tuple[np.ndarray, dict[Any, int]]:
+    matrix = _as_matrix(embeddings)
+    lookup = {_image_key(image): int(row) for image, row in index.items()}
+    bad = [f"{image} -> {row}" for image, row in index.items() if not 0 <= row < len(matrix)]
+    if bad:
+        raise ValueError(f"index rows outside the {len(matrix)} embeddings: {_examples(bad)}")
+    return matrix, lookup
+
+
+def _cosines(matrix: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Dot products of rows ``a[n]`` and ``b[n]`` of ``matrix`` in float64; NaN where either is -1."""
+    out = np.full(len(a), np.nan)
+    both = np.flatnonzero((a >= 0) & (b >= 0))
+    for start in range(0, len(both), _DOT_CHUNK):
+        n = both[start:start + _DOT_CHUNK]
+        out[n] = np.einsum("nd,nd->n", matrix[a[n]].astype(np.float64), matrix[b[n]].astype(np.float64))
+    return out
+
+
+def nearid_similarities(samples: Sequence[NearIDSample], embeddings: Any,
+                        index: Mapping[ImageSource, int]) -> dict[str, np.ndarray]:
+    """The per-sample similarity columns of the NearID protocol, each [N] float64 in sample order.
+
+    ``embeddings``: [M, D] array or tensor of L2-normalised embeddings (cosine = dot product,
+    computed in float64); ``index``: image source -> its row, e.g. enumerate
+    ``unique_images(samples)``. Columns: ``sim_01, sim_02, sim_12`` (view i vs view j),
+    ``cross_00 .. cross_22`` (view i vs distractor j), ``neg_sim_01, neg_sim_02, neg_sim_12``
+    (distractor vs distractor). NaN where an image is missing or its embedding row holds NaN.
+    Raises ``KeyError`` for an image that is not in ``index``.
+    """
+    matrix, lookup = _lookup(embeddings, index)
+    views = [_rows_of([s.views[k] for s in samples], lookup) for k in range(3)]
+    distractors = [_rows_of([s.distractors[k] for s in samples], lookup) for k in range(3)]
+    columns = {f"sim_{i}{j}": _cosines(matrix, views[i], views[j]) for i, j in _PAIRS}
+    columns.update({f"cross_{i}{j}": _cosines(matrix, views[i], distractors[j]) for i in range(3) for j in range(3)})
+    columns.update({f"neg_sim_{i}{j}": _cosines(matrix, distractors[i], distractors[j]) for i, j in _PAIRS})
+    return columns
+
+
+def mtg_similarities(samples: Sequence[MTGSample], embeddings: Any,
+                     index: Mapping[ImageSource, int]) -> dict[str, np.ndarray]:
+    """The MTG similarity columns ``sim_1_2, sim_1_1p, sim_1_2p, sim_2_2p, sim_2_1p``, each [N] float64.
+
+    Arguments and NaN rules as in :func:`nearid_similarities`.
+    """
+    matrix, lookup = _lookup(embeddings, index)
+    rows = {field: _rows_of([getattr(s, field) for s in samples], lookup)
+            for field in ("image_1", "image_2", "image_1p", "image_2p")}
+    return {name: _cosines(matrix, rows[a], rows[b]) for name, (a, b) in _MTG_PAIRS.items()}
+
+
+def mtg_oracles(samples: Sequence[MTGSample]) -> tuple[np.ndarray, np.ndarray]:
+    """Oracle similarity of view 1 and view 2 per sample: ``1 - part area / object area``; [N] float64 each.
+
+    The decoded masks go to :func:`nearid_metric.protocol.mtg_oracle` (binarised at > 0 there;
+    0 when the object mask is empty). NaN where a mask is missing. An unreadable mask raises
+    :class:`~nearid_metric.images.ImageLoadError`, masks of different sizes ``ValueError``, each
+    naming the mask.
+    """
+    from nearid_metric.protocol import mtg_oracle
+
+    def oracle(object_mask: ImageSource | None, part_mask: ImageSource | None) -> float:
+        if object_mask is None or part_mask is None:
+            return float("nan")
+        try:
+            return mtg_oracle(load_image(object_mask), load_image(part_mask))
+        except ValueError as e:
+            raise ValueError(f"masks {object_mask} and {part_mask}: {e}") from None
+
+    return (np.array([oracle(s.object_mask_1, s.part_mask_1) for s in samples], dtype=np.float64),
+            np.array([oracle(s.object_mask_2, s.part_mask_2) for s in samples], dtype=np.float64))
