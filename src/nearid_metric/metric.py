@@ -1,0 +1,100 @@
+"""``NearIDMetric``: a drop-in metric for evaluation loops (``update`` / ``compute`` / ``reset``).
+
+Per-pair scores are kept (``metric.scores``), not only their mean. Under
+``torch.distributed`` ``compute()`` gathers every rank's scores, so the result equals a
+single process scoring the union of the pairs: sums are exactly rounded (``math.fsum``),
+hence independent of how the pairs were split across ranks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.distributed as dist
+
+from nearid_metric.scorer import Images, Scorer
+from nearid_metric.scorers import create_scorer
+
+
+def summarize_scores(scores: torch.Tensor) -> dict[str, float | int]:
+    """``{"mean", "std", "n"}`` of per-pair scores [N]: exactly rounded mean, sample std (ddof=1).
+
+    ``mean`` is NaN for no scores, ``std`` NaN for fewer than 2.
+    """
+    values = scores.double().tolist()
+    n = len(values)
+    mean = math.fsum(values) / n if n else math.nan
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else math.nan
+    return {"mean": mean, "std": std, "n": n}
+
+
+def gather_scores(scores: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """All ranks' scores [N_r] concatenated in rank order (the input itself outside torch.distributed)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return scores
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+    local = scores.double().to(device)
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, torch.tensor([len(local)], device=device), group=group)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, dtype=torch.float64, device=device)
+    padded[: len(local)] = local
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([part[: int(size.item())] for part, size in zip(parts, sizes)]).cpu()
+
+
+class NearIDMetric:
+    """Identity preservation of generated images, accumulated over an evaluation loop.
+
+    ``scorer``: a name from :func:`nearid_metric.list_scorers` (built with ``pretrained``,
+    ``device``, ``precision``) or a ready :class:`~nearid_metric.scorer.Scorer`.
+    ``update(refs, gens)`` scores aligned pairs (paths, PIL images or uint8 [N, 3, H, W]
+    tensors) and returns their scores [N]; ``compute()`` summarises every pair seen so far,
+    across ranks. The scorer's model is never moved by the metric.
+    """
+
+    higher_is_better = True
+
+    def __init__(
+        self,
+        scorer: str | Scorer = "nearid",
+        *,
+        pretrained: str | os.PathLike | None = None,
+        device: str | torch.device | None = None,
+        precision: str = "fp32",
+        batch_size: int = 32,
+        process_group: dist.ProcessGroup | None = None,
+    ):
+        if isinstance(scorer, Scorer):
+            if pretrained is not None or device is not None:
+                raise ValueError("pretrained/device apply when the scorer is given by name, not to a built scorer")
+            self.scorer = scorer
+        else:
+            self.scorer = create_scorer(scorer, pretrained=pretrained, device=device, precision=precision)
+        self.batch_size = batch_size
+        self.process_group = process_group
+        self._scores: list[torch.Tensor] = []
+
+    def update(self, refs: Images, gens: Images) -> torch.Tensor:
+        """Score aligned pairs (refs[i], gens[i]); returns their scores [N] float32 (kept for ``compute``)."""
+        scores = self.scorer.score(refs, gens, batch_size=self.batch_size, progress=False)
+        self._scores.append(scores.double())
+        return scores
+
+    @property
+    def scores(self) -> torch.Tensor:
+        """This process's per-pair scores so far, in update order: [N] float64."""
+        return torch.cat(self._scores) if self._scores else torch.zeros(0, dtype=torch.float64)
+
+    def compute(self) -> dict[str, float | int]:
+        """``{"mean", "std", "n"}`` over all pairs of all ranks (a collective call under torch.distributed)."""
+        return summarize_scores(gather_scores(self.scores, self.process_group))
+
+    def reset(self) -> None:
+        self._scores = []
+
+    def __repr__(self) -> str:
+        return f"NearIDMetric({self.scorer.signature!r}, pairs={len(self.scores)})"
