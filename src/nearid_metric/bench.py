@@ -1,0 +1,565 @@
+"""``nearid-bench``: the NearID and MTG benchmarks, end to end (data -> similarities -> SSR / PA / H).
+
+A run reads benchmark samples (:mod:`nearid_metric.data`), embeds every distinct image once with
+all models in one pass (:func:`nearid_metric.scorer.embed_images`), writes one row of similarity
+columns per model and sample, and scores them with :mod:`nearid_metric.protocol`, per model x
+group plus one pooled row per model. ``--from-csv`` redoes the last step from saved similarity
+columns (e.g. a VLM judge's), without any model. Formats and decisions: ``docs/protocol.md``,
+section "Running the benchmark".
+
+A similarity table is a dict of equally long columns: ``id, group, model, signature`` (object
+arrays of str) and float64 similarity columns (NaN = a missing or unreadable image), one row per
+model x sample, model after model, samples in reading order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import sys
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nearid_metric import data
+from nearid_metric._version import __version__
+from nearid_metric.cli import EXIT_NOTHING_SCORED, EXIT_OK, add_model_arguments, load_scorers
+from nearid_metric.data import MTGSample, NearIDSample, mtg_similarities, nearid_similarities, unique_images
+from nearid_metric.images import ImageLoadError
+from nearid_metric.protocol import (
+    MTG_ALIGNMENT,
+    MTG_COLUMNS,
+    NEARID_TERMS,
+    pool_groups,
+    score_mtg_samples,
+    score_nearid_groups,
+)
+from nearid_metric.scorer import Scorer, embed_images
+
+logger = logging.getLogger("nearid_metric")
+
+Table = dict[str, np.ndarray]
+
+ALL = "all"
+"""Group name of the row pooled over a model's groups (reserved: no data group may use it)."""
+
+LABELS = ("id", "group", "model", "signature")
+"""Label columns of a similarity table, before the similarity columns."""
+
+ORACLE_COLUMNS = ("oracle_1", "oracle_2")
+"""MTG oracle of view 1 and view 2 (``1 - part area / object area``), a column each in MTG tables."""
+
+NEARID_REQUIRED = tuple(dict.fromkeys(name for _, sim, cross in NEARID_TERMS for name in (sim, cross)))
+"""The columns NearID rates use: ``sim_01, cross_00, cross_11, sim_02, cross_22, sim_12``."""
+
+RATES = ("SSR", "PA", "H", "SSR_mean", "PA_terms", "H_mean")
+COUNTS = ("n_samples", "n_terms", "n_trials", "n_excluded")
+CORRELATIONS = ("MO", "MO_strict", *(key for key, _, _ in MTG_ALIGNMENT))
+NEARID_TABLE = ("model", "group", "signature", *RATES, *COUNTS)
+MTG_TABLE = (*NEARID_TABLE, *CORRELATIONS, *(f"n_{key}" for key, _, _ in MTG_ALIGNMENT))
+"""Columns of ``table.csv`` per benchmark (``table.json`` rows have the same keys, MTG adds ``undefined_r``)."""
+
+_SHOWN = 5  # examples named in an error message
+
+
+# --- similarity tables from models --------------------------------------------------------------
+
+
+def nearid_similarity_table(samples: Sequence[NearIDSample], scorers: Mapping[str, Scorer], *,
+                            batch_size: int = 32, num_workers: int = 0,
+                            progress: bool | None = None) -> tuple[Table, dict[str, str]]:
+    """NearID similarity columns of every sample for every scorer, each image embedded once.
+
+    ``scorers``: model name (the ``model`` column) -> scorer. Returns the table (``id, group,
+    model, signature``, then ``sim_01 .. sim_12``, ``cross_00 .. cross_22``, ``neg_sim_01 ..
+    neg_sim_12``, float64 cosines, NaN where an image is missing or unreadable; rows model after
+    model) and ``{image name: reason}`` for the images that could not be read.
+    """
+    return _similarity_table(samples, scorers, nearid_similarities, batch_size, num_workers, progress)
+
+
+def mtg_similarity_table(samples: Sequence[MTGSample], scorers: Mapping[str, Scorer], *,
+                         batch_size: int = 32, num_workers: int = 0,
+                         progress: bool | None = None) -> tuple[Table, dict[str, str]]:
+    """MTG similarity columns (``sim_1_2, sim_1_1p, sim_1_2p, sim_2_2p, sim_2_1p``) plus ``oracle_1, oracle_2``.
+
+    As :func:`nearid_similarity_table`; the oracles come from the masks (the same for every
+    model), NaN where a mask is missing or unreadable (an unreadable mask is listed in the
+    failures, like an unreadable image).
+    """
+    table, failures = _similarity_table(samples, scorers, mtg_similarities, batch_size, num_workers, progress)
+    oracles = np.array([_oracles(sample, failures) for sample in samples], dtype=np.float64).reshape(-1, 2)
+    for k, name in enumerate(ORACLE_COLUMNS):
+        table[name] = np.tile(oracles[:, k], len(scorers))
+    return table, failures
+
+
+def _similarity_table(samples: Sequence[NearIDSample | MTGSample], scorers: Mapping[str, Scorer],
+                      similarities: Callable[..., dict[str, np.ndarray]], batch_size: int, num_workers: int,
+                      progress: bool | None) -> tuple[Table, dict[str, str]]:
+    if not scorers:
+        raise ValueError("no scorers given")
+    images = unique_images(samples)
+    embeddings, failed = embed_images(list(scorers.values()), images, batch_size=batch_size,
+                                      num_workers=num_workers, progress=progress)
+    index = {image: row for row, image in enumerate(images)}
+    n = len(samples)
+    labels = {"id": [s.id for s in samples], "group": [s.group for s in samples]}
+    parts = []
+    for (model, scorer), matrix in zip(scorers.items(), embeddings):
+        parts.append({**labels, "model": [model] * n, "signature": [scorer.signature] * n,
+                      **similarities(samples, matrix, index)})
+    table = {name: np.concatenate([np.asarray(part[name], dtype=object if name in LABELS else np.float64)
+                                   for part in parts]) for name in parts[0]}
+    return table, {str(images[i]): reason for i, reason in sorted(failed.items())}
+
+
+def _oracles(sample: MTGSample, failures: dict[str, str]) -> tuple[float, float]:
+    """Both oracles of one sample, each on its own so that one bad mask loses only its view."""
+    values = []
+    for view, other in ((1, 2), (2, 1)):
+        alone = replace(sample, **{f"object_mask_{other}": None, f"part_mask_{other}": None})
+        try:
+            values.append(float(data.mtg_oracles([alone])[view - 1][0]))
+        except ImageLoadError as e:
+            failures[e.path] = e.reason
+            values.append(math.nan)
+        except ValueError as e:  # object and part masks of different sizes
+            failures[str(getattr(sample, f"part_mask_{view}"))] = str(e)
+            values.append(math.nan)
+    return values[0], values[1]
+
+
+# --- tables of results ----------------------------------------------------------------------------
+
+
+def nearid_results(table: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """SSR / PA / H rows per model x group, then a pooled row (group ``"all"``) per model.
+
+    ``table``: ``model``, ``group``, optionally ``signature`` (one per model), and NearID
+    similarity columns (see :func:`nearid_metric.protocol.score_nearid_samples`). Group rows come
+    from :func:`~nearid_metric.protocol.score_nearid_groups`, the pooled rows from
+    :func:`~nearid_metric.protocol.pool_groups` (weighted by the counts, the same as scoring the
+    union). Models in order of first appearance, groups sorted. Keys: :data:`NEARID_TABLE`.
+    """
+    signatures = _signatures(table)
+    groups = score_nearid_groups(table, by=("model", "group"))
+    pooled = {row["model"]: row for row in pool_groups(groups, by="model")}
+    rows = []
+    for model, signature in signatures.items():
+        for row in groups:
+            if row["model"] == model:
+                rows.append(_result_row(model, row["group"], signature, row, NEARID_TABLE))
+        rows.append(_result_row(model, ALL, signature, pooled[model], NEARID_TABLE))
+    return rows
+
+
+def mtg_results(table: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """MTG rows per model x group, then one row over all the model's samples (group ``"all"``).
+
+    ``table``: ``model``, ``group``, optionally ``signature``, the five MTG similarity columns and
+    optionally ``oracle_1, oracle_2`` (absent: correlations and MO are NaN). Each row is
+    :func:`~nearid_metric.protocol.score_mtg_samples` over its samples; for the ``"all"`` row
+    that is the union of the groups (correlations cannot be pooled from per-group values; the
+    rates equal the pooled ones). Keys: :data:`MTG_TABLE` plus ``undefined_r``.
+    """
+    signatures = _signatures(table)
+    models, groups = (np.asarray(table[name], dtype=object) for name in ("model", "group"))
+    if any(name not in table for name in ORACLE_COLUMNS):
+        logger.warning("no oracle_1/oracle_2 columns: MTG correlations and MO are not computed")
+    oracles = [np.asarray(table[name], dtype=np.float64) if name in table else np.full(len(models), np.nan)
+               for name in ORACLE_COLUMNS]
+
+    def score(rows: np.ndarray) -> dict[str, Any]:
+        return score_mtg_samples({name: np.asarray(table[name], dtype=np.float64)[rows] for name in MTG_COLUMNS},
+                                 oracles[0][rows], oracles[1][rows])
+
+    out = []
+    for model, signature in signatures.items():
+        mine = models == model
+        for group in sorted(set(groups[mine].tolist())):
+            out.append(_result_row(model, group, signature, score(mine & (groups == group)), MTG_TABLE))
+        out.append(_result_row(model, ALL, signature, score(mine), MTG_TABLE))
+    return out
+
+
+def _signatures(table: Mapping[str, Any]) -> dict[str, str]:
+    """Model -> its signature ("" without a signature column), models in order of first appearance."""
+    models = [str(m) for m in np.asarray(table["model"], dtype=object).tolist()]
+    signatures = ([str(s) for s in np.asarray(table["signature"], dtype=object).tolist()] if "signature" in table
+                  else [""] * len(models))
+    seen: dict[str, set[str]] = {}
+    for model, signature in zip(models, signatures):
+        seen.setdefault(model, set()).add(signature)
+    mixed = [f"{model!r} ({', '.join(sorted(s))})" for model, s in seen.items() if len(s) > 1]
+    if mixed:
+        raise ValueError(f"a model has rows with different signatures: {'; '.join(mixed[:_SHOWN])}; "
+                         "give each set of weights its own model name")
+    return {model: s.pop() for model, s in seen.items()}
+
+
+def _result_row(model: str, group: str, signature: str, result: Mapping[str, Any],
+                keys: Sequence[str]) -> dict[str, Any]:
+    row = {"model": model, "group": group, "signature": signature} | {k: result[k] for k in keys[3:]}
+    if "undefined_r" in result:
+        row["undefined_r"] = list(result["undefined_r"])
+    return row
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+def _cell(value: Any) -> str:
+    """CSV text of a value: floats as their shortest exact repr, NaN as an empty cell."""
+    if isinstance(value, (float, np.floating)):
+        return "" if math.isnan(value) else repr(float(value))
+    return str(value)
+
+
+def write_similarities(path: str | Path, table: Mapping[str, Any]) -> None:
+    """Write a similarity table as CSV: a header, one row per model x sample, NaN as an empty cell."""
+    names = list(table)
+    columns = [np.asarray(table[name]).tolist() for name in names]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(names)
+        writer.writerows([_cell(value) for value in row] for row in zip(*columns))
+
+
+def write_results(out: Path, rows: Sequence[Mapping[str, Any]], benchmark: str) -> None:
+    """``table.csv`` (floats exact, NaN empty, no ``undefined_r``) and ``table.json`` (NaN as null)."""
+    keys = MTG_TABLE if benchmark == "mtg" else NEARID_TABLE
+    with open(out / "table.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(keys)
+        writer.writerows([_cell(row[key]) for key in keys] for row in rows)
+    _write_json(out / "table.json", {"benchmark": benchmark, "rows": list(rows)})
+
+
+def _write_json(path: Path, content: Any) -> None:
+    def plain(value: Any) -> Any:
+        if isinstance(value, float) and math.isnan(value):
+            return None
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    path.write_text(json.dumps(plain(content), indent=2) + "\n", encoding="utf-8")
+
+
+def read_similarities(paths: Sequence[str | Path]) -> tuple[str, Table]:
+    """``(benchmark, table)`` from similarity CSV files (ours, or any with the needed columns).
+
+    The benchmark is ``"mtg"`` when a file has all of ``sim_1_2, sim_1_1p, sim_1_2p, sim_2_2p,
+    sim_2_1p``, else ``"nearid"`` when it has a ``sim_ij`` column with ``cross_ii`` or
+    ``cross_jj``; every file must be of the same one. Read: those columns (absent NearID ones
+    are NaN), ``oracle_1, oracle_2`` (MTG, optional), and the labels ``model`` (default: the
+    file's name without extension), ``group`` (default ``"default"``), ``signature`` (default
+    ""), ``id`` (default: the row number). Other columns are ignored. An empty cell, ``nan`` or
+    ``NaN`` is a missing value. Raises ``ValueError`` naming file and line for unreadable
+    numbers, empty labels, the group ``"all"``, mixed benchmarks or a ``(model, group, id)``
+    given twice.
+    """
+    benchmark, parts = None, []
+    seen: set[tuple[str, str, str]] = set()
+    for path in map(Path, paths):
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = [name.strip() for name in reader.fieldnames or []]
+            reader.fieldnames = header
+            records = list(reader)
+        kind = _benchmark_of(header, path)
+        if benchmark not in (None, kind):
+            raise ValueError(f"{path}: {kind} similarities, but earlier files hold {benchmark} ones; "
+                             "score one benchmark at a time")
+        benchmark = kind
+        if not records:
+            raise ValueError(f"{path}: no rows under the header")
+        numbers = MTG_COLUMNS + ORACLE_COLUMNS if kind == "mtg" else NEARID_REQUIRED
+        part: dict[str, list] = {name: [] for name in (*LABELS, *numbers) if name in header}
+        for line, record in enumerate(records, start=2):
+            for name in part:
+                cell = (record.get(name) or "").strip()
+                if name not in LABELS:
+                    part[name].append(_number(cell, path, line, name))
+                elif name == "group" and cell == ALL:
+                    raise ValueError(f"{path}, line {line}: group {ALL!r} is the name of the pooled row; rename it")
+                elif cell or name == "signature":
+                    part[name].append(cell)
+                else:
+                    raise ValueError(f"{path}, line {line}: empty {name!r}")
+        has_id = "id" in part
+        defaults = {"id": [str(k) for k in range(len(records))], "group": ["default"] * len(records),
+                    "model": [path.stem] * len(records), "signature": [""] * len(records)}
+        part = {name: part.get(name, defaults[name]) for name in LABELS} | part
+        if has_id:  # without ids, a sample given twice cannot be recognised
+            keys = list(zip(part["model"], part["group"], part["id"]))
+            twice = sorted({key for key in keys if key in seen} | {key for key, n in Counter(keys).items() if n > 1})
+            if twice:
+                raise ValueError(f"{path}: {len(twice)} (model, group, id) row(s) given twice (here or in an earlier "
+                                 f"file), e.g. {', '.join(map(str, twice[:_SHOWN]))}; score each sample once per "
+                                 "model")
+            seen.update(keys)
+        parts.append(part)
+    names = dict.fromkeys(name for part in parts for name in part)
+    table = {name: np.concatenate([np.asarray(part[name], dtype=object) if name in LABELS
+                                   else np.asarray(part.get(name, [math.nan] * len(part["model"])), dtype=np.float64)
+                                   for part in parts]) for name in names}
+    try:
+        _signatures(table)
+    except ValueError as e:
+        raise ValueError(f"{', '.join(map(str, paths))}: {e}") from None
+    return benchmark, table
+
+
+def _benchmark_of(header: Sequence[str], path: Path) -> str:
+    mtg = all(name in header for name in MTG_COLUMNS)
+    nearid = any(sim in header and cross in header for _, sim, cross in NEARID_TERMS)
+    if mtg and nearid:
+        raise ValueError(f"{path}: has both NearID and MTG similarity columns; keep one benchmark per file")
+    if not (mtg or nearid):
+        raise ValueError(f"{path}: no similarity columns to score: NearID needs a sim_ij column with cross_ii "
+                         f"or cross_jj (e.g. sim_01, cross_00), MTG needs {', '.join(MTG_COLUMNS)}; "
+                         f"the header is {', '.join(header) or 'empty'}")
+    return "mtg" if mtg else "nearid"
+
+
+def _number(cell: str, path: Path, line: int, name: str) -> float:
+    try:
+        value = float(cell) if cell else math.nan
+    except ValueError:
+        value = math.inf
+    if math.isinf(value):
+        raise ValueError(f"{path}, line {line}: {name} = {cell!r} is not a finite number "
+                         "(leave the cell empty for a missing image)")
+    return value
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nearid-bench",
+        description="Run scorers over the NearID or MTG benchmark: per-sample similarities (each image embedded "
+                    "once per model) and SSR / PA / H per model and group, in percent. Give one data source.",
+    )
+    source = parser.add_argument_group("data (one source per run)")
+    source.add_argument("--nearid-folder", nargs="+", type=Path, metavar="ROOT",
+                        help="NearID image folders ROOT/<sample>/view_K.png, distractor_K.png (one group) or "
+                             "ROOT/<group>/<sample>/... (K = 0, 1, 2)")
+    source.add_argument("--positives", nargs="+", metavar="TABLE",
+                        help="NearID positives: .parquet/.arrow file(s) or a folder of them (id, img1..img3)")
+    source.add_argument("--distractors", nargs="+", metavar="TABLE",
+                        help="NearID distractor tables (id, img1..3 or nimg1..3), one group each: a file or a "
+                             "folder of shards")
+    source.add_argument("--distractor-prefix", choices=["auto", "img", "nimg"],
+                        help="distractor image columns (default: auto, whichever is present)")
+    source.add_argument("--mtg", nargs="+", metavar="TABLE", help="MTG tables, one group each: a file or a folder")
+    source.add_argument("--group", nargs="+", metavar="NAME",
+                        help="group names, one per --distractors, --nearid-folder or --mtg source (default: the "
+                             "file or folder name; the group folders of a two-level --nearid-folder)")
+    source.add_argument("--hf", action="store_true",
+                        help="--positives/--distractors/--mtg are Hugging Face dataset repo ids or local dataset "
+                             "folders (needs pip install 'nearid-metric[hf]')")
+    source.add_argument("--split", help="dataset split with --hf (default: train)")
+    source.add_argument("--data-revision", help="dataset revision (branch, tag or commit) with --hf")
+    source.add_argument("--from-csv", nargs="+", type=Path, metavar="FILE",
+                        help="recompute the table from saved similarity CSVs (no model is loaded); a 'model' "
+                             "column tells models apart (default: the file name)")
+    add_model_arguments(parser)
+    parser.set_defaults(model=None)  # None: not given (--from-csv refuses it); else defaults to nearid
+    parser.add_argument("--out", type=Path,
+                        help="folder for similarities.csv, table.csv, table.json and summary.json")
+    parser.add_argument("--strict", action="store_true", help="exit 1 if any image or mask could not be read")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Exactly one data source, and only the flags that apply to it (usage errors exit 2)."""
+    given = [flag for flag, value in (("--nearid-folder", args.nearid_folder),
+                                      ("--positives/--distractors", args.positives or args.distractors),
+                                      ("--mtg", args.mtg), ("--from-csv", args.from_csv)) if value]
+    if not given:
+        parser.error("no data: give --nearid-folder ROOT, --positives P --distractors D, --mtg TABLE or "
+                     "--from-csv FILE")
+    if len(given) > 1:
+        parser.error(f"one data source per run, got {' and '.join(given)}")
+    if bool(args.positives) != bool(args.distractors):
+        parser.error("--positives and --distractors go together (positive views and their distractors, "
+                     "joined on id)")
+    if args.distractor_prefix and not args.positives:
+        parser.error("--distractor-prefix applies to --positives/--distractors tables")
+    if (args.hf or args.split or args.data_revision) and not (args.positives or args.mtg):
+        parser.error("--hf, --split and --data-revision apply to --positives/--distractors and --mtg")
+    if (args.split or args.data_revision) and not args.hf:
+        parser.error("--split and --data-revision need --hf")
+    if args.hf and args.positives and len(args.positives) != 1:
+        parser.error("--hf takes one --positives dataset")
+    sources = args.distractors or args.nearid_folder or args.mtg or []
+    if args.group and args.from_csv:
+        parser.error("--group does not apply to --from-csv (groups come from the 'group' column)")
+    if args.group and len(args.group) != len(sources):
+        parser.error(f"--group needs one name per source: {len(args.group)} name(s) for {len(sources)} source(s)")
+    if args.from_csv and args.model is not None:
+        parser.error("--from-csv reads saved similarities; --model does not apply (the 'model' column names them)")
+    if args.model is None:
+        args.model = "nearid"
+
+
+def load_samples(args: argparse.Namespace) -> tuple[list[NearIDSample] | list[MTGSample], list[dict[str, Any]]]:
+    """The samples of the data flags and a description of each source (for ``summary.json``).
+
+    Raises ``ValueError``, ``OSError`` or ``ImportError`` naming the file for unreadable data.
+    """
+    samples: list = []
+    sources: list[dict[str, Any]] = []
+    hf = {"split": args.split or "train", "revision": args.data_revision} if args.hf else None
+    groups = args.group or [None] * len(args.distractors or args.nearid_folder or args.mtg)
+    if args.nearid_folder:
+        for root, group in zip(args.nearid_folder, groups):
+            found = data.read_nearid_folder(root, group=group)
+            sources.append({"type": "nearid-folder", "path": str(root), "groups": _groups(found)})
+            samples += found
+    elif args.positives:
+        positives = args.positives[0] if len(args.positives) == 1 else args.positives
+        prefix = args.distractor_prefix or "auto"
+        for distractors, group in zip(args.distractors, groups):
+            if hf:
+                found = data.read_nearid_hf(positives, distractors, distractor_prefix=prefix, group=group, **hf)
+            else:
+                found = data.read_nearid_parquet(positives, distractors, distractor_prefix=prefix, group=group)
+            sources.append({"type": "nearid-hf" if hf else "nearid-tables", "positives": args.positives,
+                            "distractors": distractors, "groups": _groups(found), **(hf or {})})
+            samples += found
+    else:
+        for path, group in zip(args.mtg, groups):
+            found = data.read_mtg_hf(path, group=group, **hf) if hf else data.read_mtg_parquet(path, group=group)
+            sources.append({"type": "mtg-hf" if hf else "mtg-tables", "path": path, "groups": _groups(found),
+                            **(hf or {})})
+            samples += found
+    _check_samples(samples)
+    return samples, sources
+
+
+def _groups(samples: Sequence[NearIDSample | MTGSample]) -> list[str]:
+    return list(dict.fromkeys(s.group for s in samples))
+
+
+def _check_samples(samples: Sequence[NearIDSample | MTGSample]) -> None:
+    if any(s.group == ALL for s in samples):
+        raise ValueError(f"a group is named {ALL!r}, the name of the pooled row; rename it with --group")
+    counts = Counter((s.group, s.id) for s in samples)
+    twice = [f"{group}/{id_}" for (group, id_), n in counts.items() if n > 1]
+    if twice:
+        raise ValueError(f"{len(twice)} sample(s) appear twice in one group, e.g. {', '.join(twice[:_SHOWN])}: "
+                         "two sources share a group name; name them apart with --group")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("nearid-bench: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        check_arguments(args, parser)
+        if args.from_csv:
+            try:
+                benchmark, table = read_similarities(args.from_csv)
+                rows = _results(benchmark, table)
+            except (OSError, ValueError) as e:
+                parser.error(str(e))
+            summary = {"benchmark": benchmark, "version": __version__,
+                       "from_csv": [str(p) for p in args.from_csv], "n_rows": len(table["model"]),
+                       "models": {model: {"signature": signature} for model, signature in _signatures(table).items()},
+                       "failures": []}
+            return report(args, rows, benchmark, summary, table=None, failures={})
+        try:
+            samples, sources = load_samples(args)
+        except (OSError, ValueError, ImportError) as e:
+            parser.error(str(e))
+        return run(args, samples, sources, load_scorers(args, parser))
+    finally:
+        logger.removeHandler(handler)
+
+
+def _results(benchmark: str, table: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return mtg_results(table) if benchmark == "mtg" else nearid_results(table)
+
+
+def run(args: argparse.Namespace, samples: Sequence[NearIDSample | MTGSample], sources: list[dict[str, Any]],
+        scorers: Mapping[str, Scorer]) -> int:
+    """Embed, score, report; the exit code."""
+    benchmark = "mtg" if isinstance(samples[0], MTGSample) else "nearid"
+    similarity_table = mtg_similarity_table if benchmark == "mtg" else nearid_similarity_table
+    n_images = len(unique_images(samples))
+    logger.info("%s: %d samples in %d group(s), %d distinct images, model(s) %s", benchmark, len(samples),
+                len(_groups(samples)), n_images, ", ".join(scorers))
+    table, failures = similarity_table(samples, scorers, batch_size=args.batch_size, num_workers=args.num_workers,
+                                       progress=False if args.no_progress else None)
+    for image, reason in failures.items():
+        logger.warning("unreadable, scored as missing (NaN): %s: %s", image, reason)
+    if failures:
+        logger.warning("%d image(s) or mask(s) could not be read%s", len(failures),
+                       f"; listed in {args.out / 'summary.json'}" if args.out is not None else "")
+    summary = {
+        "benchmark": benchmark,
+        "version": __version__,
+        "sources": sources,
+        "models": {model: {"name": scorer.name, "signature": scorer.signature} for model, scorer in scorers.items()},
+        "groups": {group: sum(s.group == group for s in samples) for group in _groups(samples)},
+        "n_samples": len(samples),
+        "n_images": n_images,
+        "failures": [{"image": image, "reason": reason} for image, reason in failures.items()],
+    }
+    return report(args, _results(benchmark, table), benchmark, summary, table, failures)
+
+
+def report(args: argparse.Namespace, rows: list[dict[str, Any]], benchmark: str, summary: dict[str, Any],
+           table: Mapping[str, Any] | None, failures: Mapping[str, str]) -> int:
+    """Write the ``--out`` files, print the table; the exit code."""
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        if table is not None:
+            write_similarities(args.out / "similarities.csv", table)
+        write_results(args.out, rows, benchmark)
+        _write_json(args.out / "summary.json", summary)
+    print(format_table(rows, benchmark))
+    for model, info in summary["models"].items():
+        print(f"{model}: signature {info['signature'] or 'n/a'}")
+    if not any(row["group"] == ALL and row["n_samples"] > 0 for row in rows):
+        logger.warning("nothing scored: no sample has a valid term")
+        return EXIT_NOTHING_SCORED
+    return EXIT_NOTHING_SCORED if args.strict and failures else EXIT_OK
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], benchmark: str) -> str:
+    """The printed table: rates in percent with 2 decimals, correlations with 3, NaN as n/a."""
+    columns = ["model", "group", "SSR", "PA", "H", *(["MO", "MO_strict"] if benchmark == "mtg" else []),
+               "n_samples", "n_excluded"]
+
+    def text(key: str, value: Any) -> str:
+        if isinstance(value, float):
+            return "n/a" if math.isnan(value) else f"{value:.3f}" if key in CORRELATIONS else f"{value:.2f}"
+        return str(value)
+
+    cells = [columns] + [[text(key, row[key]) for key in columns] for row in rows]
+    widths = [max(len(line[k]) for line in cells) for k in range(len(columns))]
+    return "\n".join("  ".join(cell.ljust(w) if k < 2 else cell.rjust(w) for k, (cell, w) in
+                               enumerate(zip(line, widths))).rstrip() for line in cells)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
