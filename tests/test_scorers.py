@@ -8,6 +8,8 @@ read back through :func:`nearid_metric.create_scorer`, the code path of the full
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -247,3 +249,18 @@ def test_baseline_embed_names_bad_file(tmp_path, clip_folder):
     Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(good)
     with pytest.raises(ImageLoadError, match="broken.jpg"):
         create_scorer("clip-i", pretrained=clip_folder, device="cpu").embed([good, tmp_path / "broken.jpg"])
+
+
+def test_registry_matches_scorers():
+    """Each scorer's default weights are registered, with the files that scorer needs, and cross-referenced."""
+    from nearid_metric.hub import registry
+    from nearid_metric.scorers import SCORERS
+
+    for name, info in SCORERS.items():
+        entry = registry()[info.weights]
+        assert tuple(entry["files"]) == info.files, name
+        assert info.weights_file in info.files
+        assert name in entry["scorers"], name
+    for key, entry in registry().items():
+        assert all(SCORERS[name].weights == key for name in entry["scorers"]), key
+        assert (Path(__file__).parents[1] / entry["card"]).is_file(), entry["card"]
