@@ -1,10 +1,16 @@
-"""DreamBench++ human alignment: keys, files, correlations and the sample-release tree, on synthetic data."""
+"""DreamBench++ human alignment: keys, files, correlations, the sample-release tree and the
+``nearid-dreambench`` command, on synthetic data (tiny random models, no network)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -528,3 +534,305 @@ def test_run_pairs_refuses_key_collisions(tmp_path):
     run = make_run(tmp_path, "emu2", images=("object_00_cup/a-b/0", "object_00_cup/a/b-0"))
     with pytest.raises(ValueError, match="both give the key 'object_00_cup-a-b-0'"):
         db.run_pairs(run)
+
+
+# --- the nearid-dreambench command, end to end on a fake DreamBench++ tree ----------------------------
+
+CONCEPTS = {
+    "object": ("00_backpack", "20_magic_cube"),
+    "live_subject_animal": ("00_kitten", "26_cotton-top_tamarin"),
+    "live_subject_human": ("00_person", "01_chef"),
+    "style": ("00_sketch", "10_ukiyo-e"),
+}
+PROMPTS = 3  # 2 concepts x 3 prompts = 6 keys per category, 24 per method
+RUNS = {  # method (rating-file spelling) -> run folder in the sample release
+    "blip_diffusion": "blip_diffusion_gs7_5_step100_seed42_torch_float16",
+    "emu2": "emu2_seed42",  # spells object 20 rubik's_cube
+    "ip_adapter_plus_vit_h_sdxl": "ip_adapter_plus_vit_huge_sdxl_gs7_5",  # src_image/ is a symlink to blip's
+}
+
+
+@dataclass(frozen=True)
+class Tree:
+    samples: Path
+    ratings: Path
+    distinct_files: int  # image files behind all pairs, a shared src_image counted once
+
+
+def rated_keys() -> list[str]:
+    return [f"{c}_{concept}-{p}" for c, concepts in CONCEPTS.items() for concept in concepts for p in range(PROMPTS)]
+
+
+def write_ratings(root: Path, methods, seed: int = 0) -> Path:
+    """``data_human_rating/merged_data/group{1,2}/<method>-cp.json`` with shuffled key order; returns the root."""
+    rng = np.random.default_rng(seed)
+    keys = rated_keys()
+    base = root / "data_human_rating" / "merged_data"
+    for method in methods:
+        order = [keys[i] for i in rng.permutation(len(keys))]  # a fixed order that is not sorted
+        g1 = rng.integers(0, 5, len(keys))
+        g2 = np.clip(g1 + rng.integers(-1, 2, len(keys)), 0, 4)
+        for group, values in (("group1", g1), ("group2", g2)):
+            write_json(base / group / f"{method}-cp.json", dict(zip(order, values.tolist())))
+            write_json(base / group / f"{method}-pf.json", dict.fromkeys(order, 1))  # prompt following: unused
+    return root / "data_human_rating"
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Tree:
+    from conftest import random_image
+
+    root = tmp_path_factory.mktemp("dreambench")
+    samples = root / "samples"
+    files = 0
+    for m, (method, run) in enumerate(RUNS.items()):
+        for k, (category, concepts) in enumerate(CONCEPTS.items()):
+            for c, concept in enumerate(concepts):
+                folder = f"{category}_{concept}"
+                if method == "emu2":
+                    folder = folder.replace("magic_cube", "rubik's_cube")
+                for p in range(PROMPTS):
+                    gen = random_image(1000 * m + 100 * k + 10 * c + p, (40, 32))
+                    path = samples / run / "tgt_image" / folder / f"{p}_0.png"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    gen.save(path)
+                    files += 1
+                    if method != "ip_adapter_plus_vit_h_sdxl":
+                        src = samples / run / "src_image" / folder / f"{p}_0.png"  # a copy per prompt, as released
+                        src.parent.mkdir(parents=True, exist_ok=True)
+                        random_image(500 + 10 * k + c, (36, 44)).save(src)
+                        files += 1
+                    write_json(samples / run / "text" / folder / f"{p}_0.txt", "a prompt")
+    (samples / RUNS["ip_adapter_plus_vit_h_sdxl"] / "src_image").symlink_to(Path("..") / RUNS["blip_diffusion"] / "src_image")
+    ratings = write_ratings(root, RUNS)
+    for method, (g1, g2) in db.load_rating_tree(ratings).items():
+        for category in db.CATEGORIES:  # every correlation in the tree is defined
+            assert len(set(db.select_category(g1, category).values())) > 1
+            assert len(set(db.select_category(g2, category).values())) > 1
+    return Tree(samples, ratings, files)
+
+
+def run_dreambench(*args) -> int:
+    return db.main([str(a) for a in args] + ["--device", "cpu", "--num-workers", "0", "--no-progress"])
+
+
+def printed_row(output: str, name: str) -> list[str]:
+    return next(line.split()[1:] for line in output.splitlines() if line.split()[:1] == [name])
+
+
+def table_rows(out: Path) -> dict[str, dict]:
+    return {row["name"]: row for row in json.loads((out / db.MH_JSON).read_text())["rows"]}
+
+
+def test_images_end_to_end_two_models(tree, checkpoint_dir, clip_folder, scorer, tmp_path, monkeypatch, capsys):
+    """Saved scores are 100 x score(), in rating order; the table is MH of those files; --scores gives it back."""
+    import nearid_metric.scorer as scorer_module
+    from nearid_metric import create_scorer
+
+    opened = []
+    real = scorer_module.load_image
+    monkeypatch.setattr(scorer_module, "load_image", lambda p: opened.append(Path(p).resolve()) or real(p))
+    out = tmp_path / "out"
+    assert run_dreambench("--images", tree.samples, "--ratings", tree.ratings,
+                          "--model", f"nearid={checkpoint_dir},clip-i={clip_folder}", "--out", out) == 0
+    printed = capsys.readouterr().out
+    assert len(opened) == len(set(opened)) == tree.distinct_files  # each file decoded once, for both models
+    monkeypatch.undo()
+
+    ratings = db.load_rating_tree(tree.ratings)
+    clip = create_scorer("clip-i", pretrained=clip_folder, device="cpu")
+    rows = table_rows(out)
+    assert list(rows) == ["Human-Human", "nearid", "clip-i"]
+    for column, model in (("nearid", scorer), ("clip-i", clip)):
+        assert db.load_signatures(out / column) == dict.fromkeys(RUNS, model.signature)
+        assert rows[column]["signatures"] == dict.fromkeys(RUNS, model.signature)
+        for method, run in RUNS.items():
+            saved = json.loads((out / column / f"{method}.json").read_text())
+            assert [db.canonical_key(k) for k in saved] == list(ratings[method][0])  # the rating file's order
+            files = {key: (ref, gen) for key, ref, gen in db.run_pairs(tree.samples / run)}
+            assert set(saved) == set(files)  # the run's own keys (rubik's_cube for emu2, image index kept)
+            expected = 100 * model.score([files[k][0] for k in saved], [files[k][1] for k in saved])
+            assert np.allclose(list(saved.values()), expected.numpy(), atol=1e-4)
+
+        folder = db.load_score_folder(out / column)
+        mh = {c: db.human_alignment(folder, ratings, c).value for c in db.CATEGORIES}
+        for c in db.CATEGORIES:
+            # the reference's way: values by position (score files follow the rating files' order)
+            positional = [(np.array(list(db.select_category(folder[m], c).values())),
+                           np.array(list(db.select_category(ratings[m][0], c).values())),
+                           np.array(list(db.select_category(ratings[m][1], c).values()))) for m in RUNS]
+            assert mh[c] == pytest.approx(reference_mh(positional), abs=1e-12)
+        overall = db.combine_categories(mh)
+        assert rows[column]["mh"] == {**mh, "overall": overall}
+        assert printed_row(printed, column) == [f"{v:.3f}" for v in (*mh.values(), overall)]
+        assert [m["n"] for m in rows[column]["per_method"]["object"]] == [6, 6, 6]
+    human = {c: db.human_human_alignment(ratings, c).value for c in db.CATEGORIES}
+    assert rows["Human-Human"]["mh"] == {**human, "overall": db.combine_categories(human)}
+    assert "over 3 methods" in printed and "overall" in printed.splitlines()[1]
+
+    with open(out / db.MH_CSV, newline="") as f:
+        lines = list(csv.DictReader(f))
+    assert len(lines) == 3 * (4 * (3 + 1) + 1)  # rows x (categories x (methods + mean) + overall)
+    mean = next(r for r in lines if (r["scorer"], r["category"], r["method"]) == ("nearid", "style", "*"))
+    assert float(mean["r"]) == rows["nearid"]["mh"]["style"] and mean["n"] == "18"
+    emu2 = next(r for r in lines if (r["scorer"], r["category"], r["method"]) == ("clip-i", "object", "emu2"))
+    assert float(emu2["r1"]) == rows["clip-i"]["per_method"]["object"][1]["r1"]
+
+    # saved scores alone (no model) give the identical table: scorer folders, or their parent
+    assert run_dreambench("--scores", out / "nearid", out / "clip-i", "--ratings", tree.ratings,
+                          "--out", tmp_path / "again") == 0
+    assert capsys.readouterr().out == printed
+    assert table_rows(tmp_path / "again") == rows
+    assert run_dreambench("--scores", out, "--ratings", tree.ratings) == 0  # the parent: its subfolders, by name
+    assert sorted(capsys.readouterr().out.splitlines()) == sorted(printed.splitlines())
+
+
+def test_unreadable_image_is_an_error_unless_allowed(tree, checkpoint_dir, tmp_path, capsys):
+    samples = tmp_path / "samples"
+    shutil.copytree(tree.samples, samples, symlinks=True)
+    bad = samples / RUNS["emu2"] / "tgt_image" / "style_10_ukiyo-e" / "1_0.png"
+    bad.write_bytes(b"not a picture")
+    out = tmp_path / "out"
+    args = ("--images", samples, "--ratings", tree.ratings, "--model", checkpoint_dir, "--out", out)
+    assert run_dreambench(*args) == 1
+    err = capsys.readouterr().err
+    assert f"cannot read {bad}" in err and "emu2 lack scores" in err and "--allow-missing" in err
+    assert sorted(p.name for p in (out / "nearid").glob("*.json")) == [
+        "blip_diffusion.json", "ip_adapter_plus_vit_h_sdxl.json", "signatures.json"]  # no emu2.json with a hole
+    assert not (out / db.MH_JSON).exists()
+
+    assert run_dreambench(*args, "--allow-missing") == 0
+    err = capsys.readouterr().err
+    assert "nearid, emu2: 1 of 24 rated keys have no score and are left out of MH: style_10_ukiyo-e-1" in err
+    saved = db.load_score_folder(out / "nearid")
+    assert len(saved["emu2"]) == 23 and "style_10_ukiyo-e-1_0" not in saved["emu2"]
+    rows = table_rows(out)
+    assert rows["nearid"]["missing_keys"] == {"emu2": ["style_10_ukiyo-e-1"]}
+    assert [m["n"] for m in rows["nearid"]["per_method"]["style"]] == [6, 5, 6]
+    ratings = db.load_rating_tree(tree.ratings)
+    dropped = {m: tuple({k: v for k, v in g.items() if m != "emu2" or k != "style_10_ukiyo-e-1"} for g in groups)
+               for m, groups in ratings.items()}
+    assert rows["nearid"]["mh"]["style"] == db.human_alignment(saved, dropped, "style").value
+    assert [m["n"] for m in rows["Human-Human"]["per_method"]["style"]] == [6, 6, 6]  # all rated keys
+
+    # a rated key without images in a run is refused before any model is loaded
+    for side in ("src_image", "tgt_image"):
+        (samples / RUNS["emu2"] / side / "object_00_backpack" / "0_0.png").unlink()
+    assert run_dreambench(*args, "--model", "nearid=/nowhere") == 1  # the last --model wins; never loaded
+    assert "has no images for 1 rated keys of emu2: object_00_backpack-0" in capsys.readouterr().err
+
+
+def test_category_and_method_subset(tree, checkpoint_dir, tmp_path, monkeypatch, capsys):
+    """--category object scores only object images; a rated method without a run needs --methods."""
+    import nearid_metric.scorer as scorer_module
+
+    ratings = write_ratings(tmp_path / "ratings", [*RUNS, "dreambooth_sd"])
+    out = tmp_path / "out"
+    args = ("--images", tree.samples, "--ratings", ratings, "--model", checkpoint_dir, "--out", out,
+            "--category", "object")
+    assert run_dreambench(*args) == 1
+    assert "no run folder for the rated methods dreambooth_sd" in capsys.readouterr().err
+
+    opened = []
+    real = scorer_module.load_image
+    monkeypatch.setattr(scorer_module, "load_image", lambda p: opened.append(p) or real(p))
+    assert run_dreambench(*args, "--methods", ",".join(RUNS)) == 0
+    assert len(opened) == 6 * 5 and all("object_" in str(p) for p in opened)  # 6 keys x (3 gen + 2 src folders)
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[1].split() == ["scorer", "object"]  # no overall without all 4 categories
+    saved = db.load_score_folder(out / "nearid")
+    assert list(saved) == list(RUNS) and all(len(s) == 6 for s in saved.values())
+    objects = {m: tuple(db.select_category(g, "object") for g in groups)
+               for m, groups in db.load_rating_tree(ratings).items()}
+    assert table_rows(out)["nearid"]["mh"] == {
+        "object": db.human_alignment(saved, objects, "object", methods=list(RUNS)).value}
+    # the object-only score files need --category object again; otherwise the other keys are missing
+    assert run_dreambench("--scores", out / "nearid", "--ratings", ratings, "--methods", ",".join(RUNS)) == 1
+    assert "has no score for 18 of the 24 rated keys" in capsys.readouterr().err
+
+
+def vlm_folder(root: Path, ratings: Path, methods=RUNS) -> Path:
+    """A VLM judge's scores: human-style keys (no image index), 0-4 integers, no signatures.json."""
+    rng = np.random.default_rng(3)
+    for method, (g1, _) in db.load_rating_tree(ratings).items():
+        if method in methods:
+            values = np.clip(np.array(list(g1.values())) + rng.integers(-2, 3, len(g1)), 0, 4)
+            write_json(root / "gpt4o" / f"{method}.json", dict(zip(g1, values.tolist())))
+    return root / "gpt4o"
+
+
+def test_scores_of_a_vlm_judge(tree, tmp_path, capsys):
+    vlm = vlm_folder(tmp_path, tree.ratings)
+    assert run_dreambench("--scores", vlm, "--ratings", tree.ratings, "--out", tmp_path / "out") == 0
+    printed = capsys.readouterr().out
+    scores, ratings = db.load_score_folder(vlm), db.load_rating_tree(tree.ratings)
+    mh = {c: db.human_alignment(scores, ratings, c).value for c in db.CATEGORIES}
+    row = table_rows(tmp_path / "out")["gpt4o"]
+    assert row["mh"] == {**mh, "overall": db.combine_categories(mh)}
+    assert row["signatures"] == {} and row["scores"] == str(vlm)
+    assert printed_row(printed, "gpt4o")[0] == f"{mh['object']:.3f}"
+
+    # a method without a score file: error, or an explicit subset
+    (vlm / "emu2.json").rename(tmp_path / "emu2.json")
+    assert run_dreambench("--scores", vlm, "--ratings", tree.ratings) == 1
+    assert "no score file for emu2.json" in capsys.readouterr().err
+    assert run_dreambench("--scores", vlm, "--ratings", tree.ratings, "--methods", "blip_diffusion,emu2") == 1
+    assert run_dreambench("--scores", vlm, "--ratings", tree.ratings,
+                          "--methods", "ip_adapter_plus_vit_h_sdxl,blip_diffusion") == 0
+    captured = capsys.readouterr()
+    assert "over 2 methods" in captured.out
+    (tmp_path / "emu2.json").rename(vlm / "emu2.json")
+
+    # a rated key without a score: error, or left out with --allow-missing; an unrated key: always an error
+    scores["emu2"].pop("object_00_backpack-2")
+    write_json(vlm / "emu2.json", scores["emu2"])
+    write_json(vlm / "notes.json", {"model": "gpt-4o"})
+    assert run_dreambench("--scores", vlm, "--ratings", tree.ratings) == 1
+    err = capsys.readouterr().err
+    assert "emu2.json has no score for 1 of the 24 rated keys: object_00_backpack-2" in err
+    assert "not reading notes.json" in err
+    assert run_dreambench("--scores", vlm, "--ratings", tree.ratings, "--allow-missing") == 0
+    assert "left out of MH: object_00_backpack-2" in capsys.readouterr().err
+    write_json(vlm / "emu2.json", {**scores["emu2"], "object_00_backpack-7": 1})
+    assert run_dreambench("--scores", vlm, "--ratings", tree.ratings, "--allow-missing") == 1
+    assert "1 keys of 'emu2' have no rating (canonical keys): object_00_backpack-7" in capsys.readouterr().err
+
+
+def test_scores_folders_are_named_and_found(tree, tmp_path, capsys):
+    a = vlm_folder(tmp_path / "a", tree.ratings)
+    b = vlm_folder(tmp_path / "b", tree.ratings)
+    assert run_dreambench("--scores", a, b, "--ratings", tree.ratings) == 0
+    printed = capsys.readouterr().out
+    assert printed_row(printed, str(a)) == printed_row(printed, str(b))  # same folder name: full paths
+    assert run_dreambench("--scores", tmp_path, "--ratings", tree.ratings) == 1
+    assert "no score file for the methods" in capsys.readouterr().err
+    assert run_dreambench("--scores", a, a, "--ratings", tree.ratings) == 1
+    assert "more than once" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "one of the arguments --images --scores is required"),
+    (["--images", "{samples}", "--scores", "{samples}"], "not allowed with argument"),
+    (["--scores", "{samples}", "--model", "nearid"], "--model applies to --images"),
+    (["--images", "{samples}", "--model", "clip=x"], "unknown scorer 'clip'"),
+    (["--images", "{samples}", "--model", "nearid={samples}/nothing-here"], "cannot load --model"),
+    (["--images", "{samples}/missing"], "no such folder"),
+    (["--images", "{samples}", "--methods", "emu2,emu3"], "--methods: emu3 not rated"),
+    (["--images", "{samples}", "--category", "animal"], "invalid choice: 'animal'"),
+])
+def test_usage_errors_exit_2(tree, args, message, capsys):
+    args = [a.format(samples=tree.samples) for a in args]
+    with pytest.raises(SystemExit) as exit_info:
+        run_dreambench(*args, "--ratings", tree.ratings)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_console_script(tree, tmp_path):
+    vlm = vlm_folder(tmp_path, tree.ratings)
+    command = [Path(sys.executable).with_name("nearid-dreambench"), "--scores", vlm, "--ratings", tree.ratings]
+    result = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    scores, ratings = db.load_score_folder(vlm), db.load_rating_tree(tree.ratings)
+    overall = db.combine_categories({c: db.human_alignment(scores, ratings, c).value for c in db.CATEGORIES})
+    assert printed_row(result.stdout, "gpt4o")[-1] == f"{overall:.3f}"

@@ -1,25 +1,34 @@
-"""DreamBench++ human alignment (MH): keys, rating and score files, the generated-image tree, correlations.
+"""DreamBench++ human alignment (MH): keys, rating and score files, the generated-image tree,
+correlations, and the ``nearid-dreambench`` command that ties them together.
 
 Definitions follow spec section 4: per method, Pearson r of a scorer's scores with each of the
 two human rating groups, each rounded to 4 decimals, averaged; then a Fisher-z mean over the
 methods (clip 0.9999). Files are read and written in the layouts of the public DreamBench++
-data; ``docs/dreambench.md`` describes them and every handling decision made here.
+data; ``docs/dreambench.md`` describes them and every handling decision made here. Models are
+only imported by :func:`score_runs` and :func:`main`, so the rest needs no model code.
 """
 
 from __future__ import annotations
 
+import argparse
+import csv
 import json
 import logging
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
+from nearid_metric._version import __version__
 from nearid_metric.pairing import image_key, pair_by_name
 from nearid_metric.stats import fisher_z_mean, pearson
+
+if TYPE_CHECKING:
+    from nearid_metric.scorer import Scorer
 
 logger = logging.getLogger(__name__)
 
@@ -532,3 +541,437 @@ def _some(items: Sequence[object]) -> str:
         return "none"
     more = f", ... ({len(items) - _SHOWN} more)" if len(items) > _SHOWN else ""
     return ", ".join(str(i) for i in items[:_SHOWN]) + more
+
+
+# --- scoring the sample release -------------------------------------------------------------------
+
+
+def score_runs(
+    runs: Mapping[str, Sequence[tuple[str, str | os.PathLike, str | os.PathLike]]],
+    scorers: Mapping[str, Scorer],
+    *,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    progress: bool | None = None,
+) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, str]]:
+    """Score the ``(key, reference, generation)`` pairs of every run with every scorer.
+
+    ``runs`` is {method: pairs}, the pairs as from :func:`run_pairs`; ``scorers`` is
+    {column: Scorer}, e.g. from ``nearid_metric.cli.load_scorers``. All pairs are collected
+    first, then each distinct image file is decoded once and embedded once per scorer in one
+    :func:`nearid_metric.scorer.embed_images` pass; files are told apart by resolved path, so a
+    ``src_image/`` shared between runs through a symlink is read once.
+
+    Returns ``(scores, failures)``: ``scores`` is {column: {method: {key: score}}} with
+    score = :data:`SCORE_SCALE` x cosine of the L2-normalised embeddings (a Python float, from
+    float32 embeddings), keys in pair order; a pair whose reference or generation could not be
+    read has no score. ``failures`` is {path: reason} for every unreadable file.
+    """
+    from nearid_metric.scorer import embed_images
+
+    rows: dict[Path, int] = {}
+    paths: list[Path] = []
+
+    def row(path: str | os.PathLike) -> int:
+        resolved = Path(path).resolve()
+        if resolved not in rows:
+            rows[resolved] = len(paths)
+            paths.append(Path(path))
+        return rows[resolved]
+
+    index = {method: [(key, row(ref), row(gen)) for key, ref, gen in pairs] for method, pairs in runs.items()}
+    logger.info("scoring %d pairs of %d methods: %d distinct image files, models %s",
+                sum(map(len, index.values())), len(index), len(paths), ", ".join(scorers))
+    embeddings, failed = embed_images(list(scorers.values()), paths, batch_size=batch_size,
+                                      num_workers=num_workers, progress=progress)
+    scores: dict[str, dict[str, dict[str, float]]] = {}
+    for column, emb in zip(scorers, embeddings):
+        scores[column] = {}
+        for method, items in index.items():
+            ok = [(key, r, g) for key, r, g in items if r not in failed and g not in failed]
+            refs, gens = [r for _, r, _ in ok], [g for _, _, g in ok]
+            cosines = (emb[refs] * emb[gens]).sum(-1)
+            scores[column][method] = {key: SCORE_SCALE * float(c) for (key, _, _), c in zip(ok, cosines.tolist())}
+    return scores, {str(paths[i]): reason for i, reason in sorted(failed.items())}
+
+
+# --- the nearid-dreambench command ----------------------------------------------------------------
+
+EXIT_OK, EXIT_PROBLEMS = 0, 1  # usage errors exit 2, through argparse
+DEFAULT_OUT = Path("dreambench_scores")
+"""Where ``nearid-dreambench --images`` saves its scores and tables unless ``--out`` says otherwise."""
+
+HUMAN_ROW = "Human-Human"
+OVERALL = "overall"
+"""Table column of the whole-benchmark figure: :func:`combine_categories` of the 4 category values."""
+
+MH_JSON, MH_CSV = "mh.json", "mh.csv"
+
+
+@dataclass
+class _Row:
+    """One scorer's row of the table: its scores {method: {key: score}} and where they come from."""
+
+    name: str
+    scores: dict[str, dict[str, float]]
+    folder: Path
+    signatures: dict[str, str] = field(default_factory=dict)
+    missing: dict[str, list[str]] = field(default_factory=dict)  # method -> rated canonical keys without a score
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from nearid_metric.cli import add_model_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="nearid-dreambench",
+        description="DreamBench++ human alignment (MH): score each method's generated images against the "
+                    "references, or read saved scores, and correlate them with the human concept-preservation "
+                    "ratings, per category and over the 4 categories.",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", type=Path, metavar="DIR",
+                        help="DreamBench++ samples folder: one run folder per method holding src_image/ and "
+                             "tgt_image/; scored with --model")
+    source.add_argument("--scores", type=Path, nargs="+", metavar="DIR",
+                        help="saved scores, no model loaded: each DIR is one scorer's folder of <method>.json "
+                             "files, or a folder whose subfolders are such folders (e.g. the --out of an "
+                             "--images run); any scorer, a VLM judge included")
+    parser.add_argument("--ratings", type=Path, required=True, metavar="DIR",
+                        help="human ratings: data_human_rating, its merged_data, or a folder holding group1/ "
+                             "and group2/ with <method>-cp.json files")
+    parser.add_argument("--out", type=Path, metavar="DIR",
+                        help=f"with --images: folder for <model>/<method>.json scores, {MH_JSON} and {MH_CSV} "
+                             f"(default: ./{DEFAULT_OUT}); with --scores: folder for {MH_JSON} and {MH_CSV} "
+                             f"(default: print only)")
+    parser.add_argument("--methods", metavar="M1,M2",
+                        help="comma-separated methods to use, as spelled in the rating files (default: every "
+                             "rated method, and each one then needs its run or score file)")
+    parser.add_argument("--category", nargs="+", choices=CATEGORIES, metavar="CATEGORY",
+                        help=f"categories to score and report: {', '.join(CATEGORIES)} (default: all 4; the "
+                             f"'{OVERALL}' figure needs all 4)")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="compute MH on the rated keys that have a score (unreadable images, keys absent "
+                             "from a run or a score file), leaving the others out of both rating groups of that "
+                             "method, with a warning; by default a missing score is an error")
+    add_model_arguments(parser)
+    parser.set_defaults(model=None)  # nearid, for --images; given with --scores it is a usage error
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``nearid-dreambench``: exit 0 when the table was computed, 1 for problems in the data, 2 for usage errors.
+
+    See ``docs/dreambench.md`` ("The nearid-dreambench command") for the options and outputs.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    package_logger = logging.getLogger("nearid_metric")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("nearid-dreambench: %(message)s"))
+    package_logger.addHandler(handler)
+    level = package_logger.level
+    package_logger.setLevel(logging.INFO)
+    try:
+        return _command(args, parser)
+    except (OSError, ValueError) as e:  # data problems; the messages name the file and what to do
+        package_logger.error("error: %s", e)
+        return EXIT_PROBLEMS
+    finally:
+        package_logger.removeHandler(handler)
+        package_logger.setLevel(level)
+
+
+def _command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.scores is not None and args.model is not None:
+        parser.error("--model applies to --images; --scores reads saved scores and loads no model")
+    for path in (args.ratings, args.images, *(args.scores or ())):
+        if path is not None and not path.is_dir():
+            parser.error(f"{path}: no such folder")
+    folders = _model_folders(args, parser) if args.images is not None else {}
+    categories = tuple(c for c in CATEGORIES if c in (args.category or CATEGORIES))
+
+    all_ratings = load_rating_tree(args.ratings)
+    methods = _pick_methods(all_ratings, args.methods, args.ratings, parser)
+    ratings = {m: (_in_categories(all_ratings[m][0], categories), _in_categories(all_ratings[m][1], categories))
+               for m in methods}
+    for method in methods:
+        _aligned_groups(method, ratings[method])  # group 1 and group 2 must rate the same keys
+
+    if args.images is not None:
+        rows = _score_images(args, parser, ratings, categories, folders)
+        if rows is None:
+            return EXIT_PROBLEMS
+        out = args.out if args.out is not None else DEFAULT_OUT
+    else:
+        rows = [_load_row(name, folder, methods, categories) for name, folder in _score_folders(args.scores, methods)]
+        out = args.out
+    _check_coverage(rows, ratings, args.allow_missing)
+
+    table = _table(rows, ratings, categories)
+    print(_format_table(table, methods, categories))
+    if out is not None:
+        _write_tables(out, table, rows, args, methods, categories)
+        logger.info("wrote %s and %s", out / MH_JSON, out / MH_CSV)
+    return EXIT_OK
+
+
+def _model_folders(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, str]:
+    """{--model column: score folder name}, checked before any data is read."""
+    from nearid_metric.cli import parse_models
+
+    args.model = args.model or "nearid"
+    try:
+        columns = [column for column, _, _ in parse_models(args.model)]
+    except ValueError as e:
+        parser.error(str(e))
+    folders = {column: re.sub(r"[^\w.=+-]+", "_", column).strip("._") or "scorer" for column in columns}
+    if len(set(folders.values())) < len(folders):
+        parser.error(f"--model columns {columns} do not give distinct folder names ({list(folders.values())})")
+    return folders
+
+
+def _pick_methods(ratings: Ratings, spec: str | None, root: Path, parser: argparse.ArgumentParser) -> list[str]:
+    if spec is None:
+        return list(ratings)
+    chosen = {m.strip() for m in spec.split(",") if m.strip()}
+    if not chosen:
+        parser.error("--methods is empty")
+    unknown = sorted(chosen - ratings.keys())
+    if unknown:
+        parser.error(f"--methods: {', '.join(unknown)} not rated in {root}; rated: {', '.join(ratings)}")
+    return [m for m in ratings if m in chosen]
+
+
+def _in_categories(values: Mapping[str, V], categories: Sequence[str]) -> dict[str, V]:
+    """The entries of ``values`` in ``categories`` (order kept); every key is parsed, so odd keys raise."""
+    return {k: v for k, v in values.items() if parse_key(k).category in categories}
+
+
+def _missing_keys(method: str, keys: Iterable[str], group1: Mapping[str, float], source: str) -> list[str]:
+    """Rated canonical keys (rating order) that ``keys`` lack; ValueError when ``keys`` holds unrated keys."""
+    own = _canonical_values(dict.fromkeys(keys, 0.0), source)
+    rated = _canonical_values(group1, f"ratings group 1 of {method!r}")
+    extra = [k for k in own if k not in rated]
+    if extra:
+        raise ValueError(f"{source}: {len(extra)} keys of {method!r} have no rating (canonical keys): {_some(extra)}")
+    return [k for k in rated if k not in own]
+
+
+def _score_images(args: argparse.Namespace, parser: argparse.ArgumentParser, ratings: Ratings,
+                  categories: Sequence[str], folders: Mapping[str, str]) -> list[_Row] | None:
+    """Find the runs, check their keys against the ratings, score them, save the score files.
+
+    Returns the table rows, or None when images could not be read and ``--allow-missing`` was
+    not given (the complete methods' score files are written, the others are not).
+    """
+    from nearid_metric.cli import load_scorers
+
+    methods = list(ratings)
+    runs = find_runs(args.images)
+    absent = [m for m in methods if m not in runs]
+    if absent:
+        raise ValueError(f"{args.images}: no run folder for the rated methods {', '.join(absent)} (runs found: "
+                         f"{', '.join(runs)}); add the runs, or pass --methods to use a subset of the methods")
+    unused = [m for m in runs if m not in methods]
+    if unused:
+        logger.warning("%s: not scoring the runs of %s (%s)", args.images, ", ".join(unused),
+                       "not in --methods" if args.methods else "no ratings for them")
+    pairs = {m: [p for p in run_pairs(runs[m]) if parse_key(p[0]).category in categories] for m in methods}
+    problems = []
+    for m in methods:
+        missing = _missing_keys(m, (key for key, _, _ in pairs[m]), ratings[m][0], f"run {runs[m]}")
+        if missing and not args.allow_missing:
+            problems.append(f"run {runs[m]} has no images for {len(missing)} rated keys of {m}: {_some(missing)}")
+    if problems:
+        raise ValueError("; ".join(problems) + "; add the images, or pass --allow-missing to compute MH without them")
+
+    try:
+        scorers = load_scorers(args, parser)
+    except (OSError, ValueError) as e:
+        parser.error(f"cannot load --model {args.model}: {e}")
+    scores, failures = score_runs(pairs, scorers, batch_size=args.batch_size, num_workers=args.num_workers,
+                                  progress=False if args.no_progress else None)
+    for path, reason in failures.items():
+        logger.warning("cannot read %s: %s", path, reason)
+    first = next(iter(scores.values()))  # the same pairs fail for every model
+    incomplete = [m for m in methods if len(first[m]) < len(pairs[m])]
+
+    out = args.out if args.out is not None else DEFAULT_OUT
+    rows = []
+    for column, by_method in scores.items():
+        signature = scorers[column].signature
+        for method in methods:
+            if method not in incomplete or args.allow_missing:
+                save_scores(out / folders[column], method, _in_rating_order(by_method[method], ratings[method][0]),
+                            signature)
+        rows.append(_Row(column, by_method, out / folders[column], dict.fromkeys(methods, signature)))
+    if incomplete and not args.allow_missing:
+        logger.error("error: %d image files could not be read (listed above), so %s lack scores for some rated "
+                     "keys; their score files were not written and MH was not computed, since MH over fewer keys "
+                     "is a different number. Replace the files, or pass --allow-missing to compute MH without "
+                     "those keys", len(failures), ", ".join(incomplete))
+        return None
+    logger.info("saved the scores under %s", out)
+    return rows
+
+
+def _in_rating_order(scores: Mapping[str, float], group1: Mapping[str, float]) -> dict[str, float]:
+    """``scores`` re-ordered as the rating file (the reference tools pair values by position)."""
+    by_canonical = {canonical_key(k): k for k in scores}
+    keys = [by_canonical[c] for c in map(canonical_key, group1) if c in by_canonical]
+    return {k: scores[k] for k in keys}
+
+
+def _score_folders(dirs: Sequence[Path], methods: Sequence[str]) -> list[tuple[str, Path]]:
+    """``--scores`` folders -> [(row name, scorer folder)], expanding folders of scorer folders."""
+    def holds_scores(folder: Path) -> bool:
+        return any((folder / f"{m}.json").is_file() for m in methods)
+
+    found: list[tuple[str, Path]] = []
+    for folder in dirs:
+        if holds_scores(folder):
+            found.append((folder.resolve().name, folder))
+            continue
+        inner = [p for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".") and holds_scores(p)]
+        if not inner:
+            raise ValueError(f"{folder}: no score file for the methods ({', '.join(m + '.json' for m in methods)}) "
+                             "in it or in its subfolders")
+        found.extend((p.name, p) for p in inner)
+    resolved = [p.resolve() for _, p in found]
+    twice = sorted({str(p) for p in resolved if resolved.count(p) > 1})
+    if twice:
+        raise ValueError(f"--scores names the score folder {', '.join(twice)} more than once")
+    names = [name for name, _ in found]
+    return [(name if names.count(name) == 1 else str(folder), folder) for name, folder in found]
+
+
+def _load_row(name: str, folder: Path, methods: Sequence[str], categories: Sequence[str]) -> _Row:
+    files = {p.stem: p for p in sorted(folder.glob("*.json")) if p.name != SIGNATURES_FILE}
+    absent = [m for m in methods if m not in files]
+    if absent:
+        raise ValueError(f"{folder}: no score file for {', '.join(m + '.json' for m in absent)}; add them, or "
+                         "pass --methods to use a subset of the methods")
+    unused = sorted(set(files) - set(methods))
+    if unused:
+        logger.warning("%s: not reading %s (not among the methods used)", folder,
+                       ", ".join(m + ".json" for m in unused))
+    signatures = load_signatures(folder)
+    signatures = {m: signatures[m] for m in methods if m in signatures}
+    if len(set(signatures.values())) > 1:
+        logger.warning("%s: the score files come from different scorers: %s", folder, signatures)
+    scores = {m: _in_categories(load_scores(files[m]), categories) for m in methods}
+    return _Row(name, scores, folder, signatures)
+
+
+def _check_coverage(rows: Sequence[_Row], ratings: Ratings, allow_missing: bool) -> None:
+    """Record each row's rated keys without a score; refuse them unless ``allow_missing`` (then warn)."""
+    problems = []
+    for row in rows:
+        for method, (group1, _) in ratings.items():
+            missing = _missing_keys(method, row.scores[method], group1, f"scores {row.folder / method}.json")
+            if not missing:
+                continue
+            row.missing[method] = missing
+            if allow_missing:
+                logger.warning("%s, %s: %d of %d rated keys have no score and are left out of MH: %s",
+                               row.name, method, len(missing), len(group1), _some(missing))
+            else:
+                problems.append(f"{row.folder / method}.json has no score for {len(missing)} of the {len(group1)} "
+                                f"rated keys: {_some(missing)}")
+    if problems:
+        raise ValueError("; ".join(problems) + "; pass --allow-missing to compute MH without those keys")
+
+
+def _table(rows: Sequence[_Row], ratings: Ratings, categories: Sequence[str]
+           ) -> dict[str, dict[str, Alignment | float]]:
+    """{row name: {category: Alignment, OVERALL: float (all 4 categories only)}}, Human-Human first."""
+    table: dict[str, dict[str, Alignment | float]] = {
+        HUMAN_ROW: {c: human_human_alignment(ratings, c) for c in categories}}
+    for row in rows:
+        rated = {}
+        for method, groups in ratings.items():
+            missing = set(row.missing.get(method, ()))
+            rated[method] = tuple({k: v for k, v in g.items() if canonical_key(k) not in missing} for g in groups)
+        table[row.name] = {c: human_alignment(row.scores, rated, c, methods=list(ratings)) for c in categories}
+    if tuple(categories) == CATEGORIES:
+        for name, cells in table.items():
+            try:
+                cells[OVERALL] = combine_categories({c: cells[c].value for c in CATEGORIES})
+            except ValueError as e:
+                logger.warning("%s: no %s figure: %s", name, OVERALL, e)
+                cells[OVERALL] = float("nan")
+    return table
+
+
+def _value(cell: Alignment | float) -> float:
+    return cell.value if isinstance(cell, Alignment) else cell
+
+
+def _format_table(table: Mapping[str, Mapping[str, Alignment | float]], methods: Sequence[str],
+                  categories: Sequence[str]) -> str:
+    """The printed table: one row per scorer, one column per category (+ overall), 3 decimals."""
+    columns = [*categories, *([OVERALL] if tuple(categories) == CATEGORIES else [])]
+    width = max(len("scorer"), *map(len, table))
+    widths = [max(len(c), len("-0.000")) for c in columns]
+    lines = [f"DreamBench++ concept preservation: MH over {len(methods)} methods "
+             f"(Pearson r with the human ratings, Fisher-z mean over the methods)",
+             "  ".join(["scorer".ljust(width), *(c.rjust(w) for c, w in zip(columns, widths))])]
+    for name, cells in table.items():
+        values = (f"{_value(cells[c]):.3f}".rjust(w) for c, w in zip(columns, widths))
+        lines.append("  ".join([name.ljust(width), *values]))
+    if OVERALL in columns:
+        lines.append(f"{OVERALL}: Fisher-z mean of the 4 category values (not one Pearson r over all keys)")
+    return "\n".join(lines)
+
+
+def _number(x: float | None) -> float | None:
+    return None if x is None or math.isnan(x) else x
+
+
+def _write_tables(out: Path, table: Mapping[str, Mapping[str, Alignment | float]], rows: Sequence[_Row],
+                  args: argparse.Namespace, methods: Sequence[str], categories: Sequence[str]) -> None:
+    """``mh.json`` (everything) and ``mh.csv`` (one line per scorer, category and method, plus the means)."""
+    by_name = {row.name: row for row in rows}
+    entries = []
+    for name, cells in table.items():
+        row = by_name.get(name)
+        entry: dict[str, object] = {
+            "name": name,
+            "scores": None if row is None else str(row.folder),
+            "signatures": None if row is None else row.signatures,
+            "mh": {c: _number(_value(cell)) for c, cell in cells.items()},
+            "undefined": {c: list(cells[c].undefined) for c in categories},
+            "per_method": {c: [{"method": m.method, "n": m.n, "r1": _number(m.r1), "r2": _number(m.r2),
+                                "r": _number(m.r)} for m in cells[c].methods] for c in categories},
+        }
+        if row is not None and row.missing:
+            entry["missing_keys"] = row.missing
+        entries.append(entry)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / MH_JSON, {
+        "ratings": str(args.ratings),
+        "images": None if args.images is None else str(args.images),
+        "methods": list(methods),
+        "categories": list(categories),
+        "allow_missing": args.allow_missing,
+        "rows": entries,
+    })
+    with open(out / MH_CSV, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["scorer", "category", "method", "n", "r1", "r2", "r"])
+        for name, cells in table.items():
+            for c in categories:
+                for m in cells[c].methods:
+                    writer.writerow([name, c, m.method, m.n, _cell(m.r1), _cell(m.r2), _cell(m.r)])
+                writer.writerow([name, c, "*", sum(m.n for m in cells[c].methods), "", "", _cell(cells[c].value)])
+            if OVERALL in cells:
+                writer.writerow([name, OVERALL, "*", "", "", "", _cell(cells[OVERALL])])
+
+
+def _cell(x: float | None) -> str:
+    return "" if x is None else repr(float(x))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
