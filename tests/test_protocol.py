@@ -438,3 +438,15 @@ def test_bad_mtg_input():
         mtg_oracle(np.ones((4, 5)), np.ones((5, 4)))
     with pytest.raises(ValueError, match="object_mask"):
         mtg_oracle(np.ones(4), np.ones(4))
+
+
+def test_numeric_modules_import_without_torch():
+    """Scoring saved tables (protocol, DreamBench++ MH) must not import torch or model code."""
+    import subprocess
+    import sys
+
+    code = ("import sys, nearid_metric.protocol, nearid_metric.dreambench, nearid_metric.stats; "
+            "print(sorted(m for m in ('torch', 'timm', 'open_clip') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
