@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from nearid_metric import data
+from nearid_metric._console import stderr_logging
 from nearid_metric._version import __version__
 from nearid_metric.cli import EXIT_NOTHING_SCORED, EXIT_OK, add_model_arguments, load_scorers
 from nearid_metric.data import MTGSample, NearIDSample, mtg_similarities, nearid_similarities, unique_images
@@ -469,11 +470,7 @@ def _check_samples(samples: Sequence[NearIDSample | MTGSample]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("nearid-bench: %(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
+    with stderr_logging("nearid-bench"):
         check_arguments(args, parser)
         if args.from_csv:
             try:
@@ -491,8 +488,6 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError, ImportError) as e:
             parser.error(str(e))
         return run(args, samples, sources, load_scorers(args, parser))
-    finally:
-        logger.removeHandler(handler)
 
 
 def _results(benchmark: str, table: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nearid_metric._console import stderr_logging
 from nearid_metric._version import __version__
 from nearid_metric.pairing import Pairing, pair_all, pair_by_name, pair_from_manifest
 from nearid_metric.scorer import PRECISIONS, Scorer, embed_images
@@ -155,15 +156,9 @@ def write_outputs(out: Path, pairs: list[tuple[str, str]], scores: dict[str, np.
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("nearid-score: %(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
+    with stderr_logging("nearid-score"):
         pairing = make_pairing(args, parser)
         return run(args, pairing, load_scorers(args, parser))
-    finally:
-        logger.removeHandler(handler)
 
 
 def run(args: argparse.Namespace, pairing: Pairing, scorers: dict[str, Scorer]) -> int:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from nearid_metric._console import stderr_logging
 from nearid_metric._version import __version__
 from nearid_metric.pairing import image_key, pair_by_name
 from nearid_metric.stats import fisher_z_mean, pearson
@@ -666,20 +667,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    package_logger = logging.getLogger("nearid_metric")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("nearid-dreambench: %(message)s"))
-    package_logger.addHandler(handler)
-    level = package_logger.level
-    package_logger.setLevel(logging.INFO)
-    try:
-        return _command(args, parser)
-    except (OSError, ValueError) as e:  # data problems; the messages name the file and what to do
-        package_logger.error("error: %s", e)
-        return EXIT_PROBLEMS
-    finally:
-        package_logger.removeHandler(handler)
-        package_logger.setLevel(level)
+    with stderr_logging("nearid-dreambench") as package_logger:
+        try:
+            return _command(args, parser)
+        except (OSError, ValueError) as e:  # data problems; the messages name the file and what to do
+            package_logger.error("error: %s", e)
+            return EXIT_PROBLEMS
 
 
 def _command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
