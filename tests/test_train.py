@@ -1,0 +1,304 @@
+"""Training groundwork: the two-tier loss (against an explicit re-derivation, gradcheck, 2 gloo
+ranks) and exporting a trunk back to the released checkpoint format."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from nearid_metric.train import two_tier_infonce
+
+# The spawned ranks import this module: the export tests import transformers, timm and the
+# conftest helpers themselves, which keeps each rank's start-up about 4 s shorter.
+
+# --- the loss ---------------------------------------------------------------------------------------
+
+
+def loop_reference(anchor, positives, negatives, pos_mask, neg_mask, temperature=0.07, alpha=0.5):
+    """Spec section 5 written out with Python loops (differentiable): (loss, {name: float})."""
+    a = F.normalize(anchor, dim=-1)
+    pos = F.normalize(positives, dim=-1)
+    neg = F.normalize(negatives, dim=-1)
+    batch, slots = pos_mask.shape
+    everyone = [(c, q) for c in range(batch) for q in range(slots) if pos_mask[c, q]]
+    tier1, hits1, tier2, hits2 = [], [], [], []
+    for b in range(batch):
+        own_negs = [a[b] @ neg[b, k] / temperature for k in range(neg_mask.shape[1]) if neg_mask[b, k]]
+        row = [a[b] @ pos[c, q] / temperature for c, q in everyone] + own_negs
+        for p in range(slots):
+            if pos_mask[b, p]:
+                target = a[b] @ pos[b, p] / temperature
+                tier1.append(torch.logsumexp(torch.stack(row), 0) - target)
+                hits1.append(target.item() >= max(x.item() for x in row))
+        others = [a[b] @ pos[c, q] / temperature for c, q in everyone if c != b]
+        pooled = torch.logsumexp(torch.stack(others), 0) if others else torch.tensor(-math.inf, dtype=a.dtype)
+        for s in own_negs:
+            tier2.append(-s + torch.logaddexp(s, pooled))
+            hits2.append(s.item() > pooled.item())
+    t1 = sum(tier1) / len(tier1) if tier1 else torch.zeros((), dtype=a.dtype)
+    t2 = sum(tier2) / len(tier2) if tier2 else torch.zeros((), dtype=a.dtype)
+    stats = {"tier1": t1.item(), "tier2": t2.item(),
+             "tier1_acc": sum(hits1) / len(hits1) if hits1 else math.nan,
+             "tier2_acc": sum(hits2) / len(hits2) if hits2 else math.nan,
+             "tier1_rows": len(tier1), "tier2_rows": len(tier2)}
+    return t1 + alpha * t2, stats
+
+
+def random_batch(seed: int, batch: int = 6, slots: int = 2, hard: int = 3, dim: int = 8,
+                 dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
+    """anchor, positives, negatives (leaf tensors, one shared direction so logits spread), masks.
+
+    Sample 0 has no valid positive, sample 1 no valid hard negative; masked slots hold NaN.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    common = torch.randn(dim, generator=gen, dtype=dtype)
+    anchor = torch.randn(batch, dim, generator=gen, dtype=dtype) + common
+    positives = anchor[:, None] + 0.8 * torch.randn(batch, slots, dim, generator=gen, dtype=dtype)
+    negatives = anchor[:, None] + 0.5 * torch.randn(batch, hard, dim, generator=gen, dtype=dtype)
+    pos_mask = torch.rand(batch, slots, generator=gen) < 0.7
+    neg_mask = torch.rand(batch, hard, generator=gen) < 0.7
+    pos_mask[0], neg_mask[1] = False, False
+    pos_mask[2:, 0] = neg_mask[2:, 0] = True  # the other samples have at least one of each
+    positives[~pos_mask] = math.nan
+    negatives[~neg_mask] = math.nan
+    return [t.requires_grad_() for t in (anchor, positives, negatives)] + [pos_mask, neg_mask]
+
+
+def assert_stats(stats: dict, expected: dict, tol: float = 1e-12) -> None:
+    for name, value in expected.items():
+        assert stats[name].item() == pytest.approx(value, abs=tol, nan_ok=True), name
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("temperature, alpha", [(0.07, 0.5), (0.3, 1.7)])
+def test_loss_matches_loop_reference(seed, temperature, alpha):
+    inputs = random_batch(seed)
+    loss, stats = two_tier_infonce(*inputs, temperature=temperature, alpha=alpha)
+    grads = torch.autograd.grad(loss, inputs[:3])
+    clean = [t.detach().nan_to_num().requires_grad_() for t in inputs[:3]]  # the reference can't take NaN
+    expected, expected_stats = loop_reference(*clean, *inputs[3:], temperature, alpha)
+    expected_grads = torch.autograd.grad(expected, clean)
+
+    assert loss.dtype == torch.float64 and loss.item() == pytest.approx(expected.item(), abs=1e-12)
+    assert_stats(stats, expected_stats)
+    assert stats["loss"].item() == pytest.approx(loss.item(), abs=1e-12)
+    for grad, ref, mask in zip(grads, expected_grads, (None, *inputs[3:])):
+        torch.testing.assert_close(grad, ref, rtol=0, atol=1e-12)
+        if mask is not None:  # masked slots: zero gradient, although they hold NaN
+            assert torch.all(grad[~mask] == 0)
+
+
+def test_gradcheck():
+    anchor, positives, negatives, pos_mask, neg_mask = random_batch(7, batch=3, slots=2, hard=2, dim=4)
+    positives, negatives = (t.detach().nan_to_num().requires_grad_() for t in (positives, negatives))
+    assert not pos_mask.all() and not neg_mask.all()
+    assert torch.autograd.gradcheck(lambda a, p, n: two_tier_infonce(a, p, n, pos_mask, neg_mask, temperature=0.5)[0],
+                                    (anchor, positives, negatives))
+
+
+def test_edge_cases():
+    anchor, positives, negatives, pos_mask, neg_mask = random_batch(3, batch=2)
+    pos_mask[:], neg_mask[:] = True, True
+    positives, negatives = (t.detach().nan_to_num().requires_grad_() for t in (positives, negatives))
+
+    # one sample: no other sample's positives, L = -inf, every tier-2 term is exactly 0
+    loss, stats = two_tier_infonce(anchor[:1], positives[:1], negatives[:1], pos_mask[:1], neg_mask[:1])
+    assert stats["tier2"].item() == 0 and stats["tier2_acc"].item() == 1 and stats["tier2_rows"].item() == 3
+    assert loss.item() == pytest.approx(stats["tier1"].item(), abs=1e-12) and stats["tier1"] > 0
+    # no valid hard negative anywhere: tier 2 is 0, its accuracy NaN
+    no_neg = torch.zeros_like(neg_mask)
+    loss, stats = two_tier_infonce(anchor, positives, negatives, pos_mask, no_neg)
+    assert stats["tier2"].item() == 0 and math.isnan(stats["tier2_acc"]) and stats["tier2_rows"].item() == 0
+    assert loss.item() == pytest.approx(loop_reference(anchor, positives, negatives, pos_mask, no_neg)[0].item())
+    # no valid positive anywhere: tier 1 is 0, tier 2 has L = -inf
+    loss, stats = two_tier_infonce(anchor, positives, negatives, torch.zeros_like(pos_mask), neg_mask)
+    assert loss.item() == 0 and stats["tier1_rows"].item() == 0 and math.isnan(stats["tier1_acc"])
+    for case in [(anchor[:1], positives[:1], negatives[:1], pos_mask[:1], neg_mask[:1]),
+                 (anchor, positives, negatives, torch.zeros_like(pos_mask), neg_mask)]:
+        grads = torch.autograd.grad(two_tier_infonce(*case)[0], case[:3], allow_unused=True)
+        assert all(g is None or torch.isfinite(g).all() for g in grads)
+
+
+def test_low_precision_inputs_computed_in_float32():
+    anchor, positives, negatives, pos_mask, neg_mask = (t.detach() for t in random_batch(5))
+    half = [t.nan_to_num().to(torch.bfloat16) for t in (anchor, positives, negatives)]
+    expected, _ = two_tier_infonce(*(t.float() for t in half), pos_mask, neg_mask)
+    loss, _ = two_tier_infonce(*half, pos_mask, neg_mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast_loss, _ = two_tier_infonce(*half, pos_mask, neg_mask)
+    assert loss.dtype == autocast_loss.dtype == torch.float32
+    assert loss.item() == expected.item() == autocast_loss.item()
+
+
+def test_rejects_mismatched_shapes():
+    anchor, positives, negatives, pos_mask, neg_mask = random_batch(0)
+    with pytest.raises(ValueError, match="anchor"):
+        two_tier_infonce(anchor[:, :4], positives, negatives, pos_mask, neg_mask)
+    with pytest.raises(ValueError, match="masks"):
+        two_tier_infonce(anchor, positives, negatives, pos_mask[:, :1], neg_mask)
+
+
+# --- the loss across 2 gloo ranks -------------------------------------------------------------------
+
+SPLITS = [4, 2]  # uneven on purpose: the smaller rank pads its gathered positives
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _loss_worker(rank: int, world: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        start = sum(SPLITS[:rank])
+        mine = slice(start, start + SPLITS[rank])
+        inputs = [t.detach()[mine] for t in random_batch(11, batch=sum(SPLITS))]
+        leaves = [t.requires_grad_() for t in inputs[:3]]
+        loss, stats = two_tier_infonce(*leaves, *inputs[3:])
+        loss.backward()
+        torch.save({"loss": loss.detach(), "stats": stats, "grads": [t.grad for t in leaves]}, Path(out, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_equal_one_process(tmp_path):
+    mp.spawn(_loss_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
+    inputs = random_batch(11, batch=sum(SPLITS))
+    single, single_stats = two_tier_infonce(*inputs)
+    single_grads = torch.autograd.grad(single, inputs[:3])
+
+    assert 0 < single_stats["tier1_acc"] < 1 and 0 < single_stats["tier2_acc"] < 1  # not trivially all/none
+    assert ranks[0]["loss"] != ranks[1]["loss"]
+    assert (ranks[0]["loss"] + ranks[1]["loss"]).item() / 2 == pytest.approx(single.item(), abs=1e-12)
+    for result in ranks:
+        for name, value in single_stats.items():
+            assert result["stats"][name].item() == pytest.approx(value.item(), abs=1e-12, nan_ok=True), name
+    # local input gradients are W x the one-process ones, so DDP's averaging yields the same update
+    for rank, result in enumerate(ranks):
+        start = sum(SPLITS[:rank])
+        for grad, expected in zip(result["grads"], single_grads):
+            torch.testing.assert_close(grad / 2, expected[start:start + SPLITS[rank]], rtol=0, atol=1e-12)
+
+
+# --- exporting a trunk to the released checkpoint format -----------------------------------------------
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def export_from(trunk, source: Path, folder: Path, **kwargs) -> Path:
+    from nearid_metric.model import VisionConfig, export_checkpoint
+
+    vision_config = VisionConfig.from_dict(read_json(source / "config.json")["vision_config"])
+    return export_checkpoint(trunk, folder, vision_config=vision_config,
+                             preprocessor_config=read_json(source / "preprocessor_config.json"), **kwargs)
+
+
+def transformers_model(folder: Path) -> SiglipVisionModel:
+    """The exported folder loaded into transformers' SiglipVisionModel (the reference network)."""
+    from conftest import vision_tower
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    vision_config = read_json(folder / "config.json")["vision_config"]
+    model = SiglipVisionModel(SiglipVisionConfig.from_dict(vision_config)).eval()
+    weights = read_weights(folder)
+    state = {k.removeprefix("backbone.").removeprefix("vision_model."): v.float() for k, v in weights.items()}
+    vision_tower(model).load_state_dict(state, strict=True)
+    return model
+
+
+@pytest.mark.parametrize("key_layout", ["transformers4", "transformers5"])
+def test_export_round_trips_the_release(tmp_path, checkpoint_dir, key_layout):
+    from conftest import TINY_VISION
+
+    from nearid_metric.model import VisionConfig, load_checkpoint_trunk
+
+    trunk = load_checkpoint_trunk(checkpoint_dir, dtype=torch.float32, device="cpu")
+    folder = export_from(trunk, checkpoint_dir, tmp_path / "exported", key_layout=key_layout)
+    original, exported = read_weights(checkpoint_dir), read_weights(folder)
+    if key_layout == "transformers5":
+        original = {k.replace("backbone.vision_model.", "backbone."): v for k, v in original.items()}
+    assert exported.keys() == original.keys()
+    for name, tensor in original.items():
+        assert exported[name].dtype == torch.float16 and torch.equal(exported[name], tensor), name
+
+    config = read_json(folder / "config.json")
+    assert config["model_type"] == "nearid" and config["normalize_embeddings"] is True
+    assert config["embed_dim"] == TINY_VISION["hidden_size"] and "auto_map" not in config
+    assert VisionConfig.from_dict(config["vision_config"]) == VisionConfig.from_dict(TINY_VISION)
+    assert read_json(folder / "preprocessor_config.json") == read_json(checkpoint_dir / "preprocessor_config.json")
+
+
+def test_export_loads_in_transformers(tmp_path, checkpoint_dir):
+    from conftest import reference_embed, reference_pixels, sample_pictures
+
+    from nearid_metric import NearIDScore
+    from nearid_metric.model import load_checkpoint_trunk
+
+    trunk = load_checkpoint_trunk(checkpoint_dir, dtype=torch.float32, device="cpu")
+    folder = export_from(trunk, checkpoint_dir, tmp_path / "exported")
+    pictures = sample_pictures()
+    pixels = reference_pixels(pictures, read_json(folder / "preprocessor_config.json"))
+    reference = reference_embed(transformers_model(folder), pixels)
+    ours = NearIDScore.from_pretrained(folder, device="cpu").embed(pictures)
+    assert (ours - reference).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_trained_head_survives_export(tmp_path, checkpoint_dir, dtype):
+    from conftest import TINY_VISION
+
+    from nearid_metric.model import load_checkpoint_trunk
+
+    trunk = load_checkpoint_trunk(checkpoint_dir, dtype=torch.float32, device="cpu")
+    size = TINY_VISION["image_size"]
+    pixels = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
+    before = F.normalize(trunk(pixels), dim=-1)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # a "trained" head; fp16-exact when exporting to fp16
+        for name, p in trunk.named_parameters():
+            if name.startswith("attn_pool."):
+                p.add_(0.05 * torch.randn(p.shape, generator=gen)).copy_(p.to(dtype).float())
+    trained = F.normalize(trunk(pixels), dim=-1)
+    assert (trained - before).abs().max() > 1e-2
+
+    folder = export_from(trunk, checkpoint_dir, tmp_path / "trained", dtype=dtype)
+    reloaded = F.normalize(load_checkpoint_trunk(folder, dtype=torch.float32, device="cpu")(pixels), dim=-1)
+    assert torch.equal(reloaded, trained)
+    with torch.no_grad():
+        reference = F.normalize(transformers_model(folder)(pixel_values=pixels).pooler_output, dim=-1)
+    assert (reference - trained).abs().max().item() <= 1e-5
+
+
+def test_export_rejects_a_mismatched_config(tmp_path, checkpoint_dir):
+    from conftest import TINY_VISION
+
+    from nearid_metric.model import VisionConfig, export_checkpoint, load_checkpoint_trunk
+
+    trunk = load_checkpoint_trunk(checkpoint_dir, dtype=torch.float32, device="cpu")
+    wrong = VisionConfig.from_dict({**TINY_VISION, "intermediate_size": 96})
+    with pytest.raises(ValueError, match="does not match vision_config"):
+        export_checkpoint(trunk, tmp_path / "x", vision_config=wrong, preprocessor_config={})
+    with pytest.raises(ValueError, match="key_layout"):
+        export_checkpoint(trunk, tmp_path / "x", vision_config=VisionConfig.from_dict(TINY_VISION),
+                          preprocessor_config={}, key_layout="timm")
