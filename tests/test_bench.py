@@ -492,3 +492,20 @@ def test_mtg_end_to_end_with_oracles_and_from_csv(tmp_path, checkpoint_dir, scor
     assert run_bench("--from-csv", out / "similarities.csv", "--out", again) == 0
     assert (again / "table.csv").read_bytes() == (out / "table.csv").read_bytes()
     assert capsys.readouterr().out == captured.out
+
+
+def test_mtg_two_models_each_get_the_oracles_of_their_samples(tmp_path, scorer, checkpoint_dir):
+    """The oracle columns repeat the samples' oracles for every model block (model after model)."""
+    from nearid_metric import create_scorer
+
+    samples = data.read_mtg_parquet(write_mtg(tmp_path / "mtg.parquet"))
+    other = create_scorer("nearid", pretrained=checkpoint_dir, device="cpu")
+    table, failures = bench.mtg_similarity_table(samples, {"a": scorer, "b": other})
+    assert table["model"].tolist() == ["a"] * 4 + ["b"] * 4
+    assert table["id"].tolist() == list(MTG) * 2
+    for view in (1, 2):
+        expected = [expected_oracle(i, view) for i in MTG]
+        np.testing.assert_allclose(table[f"oracle_{view}"], expected + expected, atol=1e-12, err_msg=f"oracle_{view}")
+    assert len(failures) == 2  # the broken 2p image and the broken part mask, once each
+    rows = {row["model"]: row for row in bench.mtg_results(table) if row["group"] == "all"}
+    assert same(rows["a"]["MO"], rows["b"]["MO"]) and same(rows["a"]["r_1_1p"], rows["b"]["r_1_1p"])

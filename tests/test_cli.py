@@ -248,3 +248,55 @@ def test_two_nearid_checkpoints_get_distinct_columns(tmp_path, checkpoint_dir, c
     rows = read_csv(out / "scores.csv")
     assert list(rows[0])[2:] == [str(checkpoint_dir), f"nearid={checkpoint_dir}"]
     assert rows[0][str(checkpoint_dir)] == rows[0][f"nearid={checkpoint_dir}"]
+
+
+def test_parse_models_columns_names_and_weights():
+    """Bare scorer names load their default weights (None), NAME=WEIGHTS pins them, other items are NearID weights."""
+    from nearid_metric.cli import parse_models
+
+    assert parse_models("nearid") == [("nearid", "nearid", None)]
+    assert parse_models(" clip-i , dinov2,siglip2-mean ") == [("clip-i", "clip-i", None), ("dinov2", "dinov2", None),
+                                                              ("siglip2-mean", "siglip2-mean", None)]
+    assert parse_models("clip-i=/w/clip,org/nearid-v2") == [("clip-i", "clip-i", "/w/clip"),
+                                                            ("nearid", "nearid", "org/nearid-v2")]
+    # one scorer twice: the columns are the items as written
+    assert parse_models("nearid,nearid=/w/other") == [("nearid", "nearid", None),
+                                                       ("nearid=/w/other", "nearid", "/w/other")]
+    assert parse_models("siglip2-map=a,siglip2-map=b") == [("siglip2-map=a", "siglip2-map", "a"),
+                                                           ("siglip2-map=b", "siglip2-map", "b")]
+
+
+def test_bare_model_names_build_default_weights(monkeypatch, tmp_path):
+    """--model clip-i,dinov2 asks create_scorer for each scorer's default weights (pretrained=None)."""
+    import nearid_metric.cli as cli
+
+    calls = []
+    monkeypatch.setattr(cli, "create_scorer", lambda name, **kwargs: calls.append((name, kwargs)) or name)
+    parser = cli.build_parser()
+    args = parser.parse_args([str(tmp_path), str(tmp_path), "--model", "clip-i,dinov2=/w/dino", "--device", "cpu",
+                              "--precision", "bf16"])
+    assert cli.load_scorers(args, parser) == {"clip-i": "clip-i", "dinov2": "dinov2"}
+    assert calls == [("clip-i", {"pretrained": None, "revision": None, "device": "cpu", "precision": "bf16"}),
+                     ("dinov2", {"pretrained": "/w/dino", "revision": None, "device": "cpu", "precision": "bf16"})]
+
+
+def test_unreadable_reference_skips_its_pairs(tmp_path, checkpoint_dir, scorer):
+    """A bad file on the reference side drops every pair using it (not scored as NaN), like a bad generation."""
+    ref, gen = tmp_path / "ref", tmp_path / "gen"
+    ref.mkdir(), gen.mkdir()
+    (ref / "broken.png").write_bytes(b"")
+    random_image(70, (64, 48)).save(ref / "good.png")
+    for i in range(2):
+        random_image(71 + i, (50, 60)).save(gen / f"sample{i}.png")
+    out = tmp_path / "out"
+    assert run_cli(ref, gen, "--pairing", "all", "--model", checkpoint_dir, "--out", out) == 0
+    rows = read_csv(out / "scores.csv")
+    assert [(Path(r["ref"]).name, Path(r["gen"]).name) for r in rows] == [("good.png", "sample0.png"),
+                                                                          ("good.png", "sample1.png")]
+    expected = scorer.score([ref / "good.png"] * 2, [gen / "sample0.png", gen / "sample1.png"])
+    assert torch.allclose(torch.tensor([float(r["nearid"]) for r in rows]), expected, atol=1e-6)
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["pairs_total"], summary["pairs_scored"], summary["pairs_skipped"]) == (4, 2, 2)
+    assert summary["models"]["nearid"]["mean"] == pytest.approx(expected.mean().item(), abs=1e-6)
+    failures = [(Path(f["path"]).name, f["reason"]) for f in summary["failures"]]
+    assert failures == [("broken.png", "empty file (0 bytes)")]

@@ -448,3 +448,17 @@ def test_read_from_hugging_face_datasets(tmp_path):
                                                     "image_1_part_mask", "image_2_part_mask"])})
     [sample] = read_mtg_hf(mtg, group="mtg")
     assert sample.id == "0" and value_of(sample.image_2p) == 3
+
+
+def test_similarities_are_computed_in_float64_from_float32_embeddings():
+    """x = 1 + 2^-12 is exact in float32, x * x = 1 + 2^-11 + 2^-24 is not (float32 rounds it to 1 + 2^-11)."""
+    x = 1 + 2.0 ** -12
+    exact = 1 + 2.0 ** -11 + 2.0 ** -24
+    assert np.float32(x) * np.float32(x) == np.float32(1 + 2.0 ** -11)  # what float32 arithmetic would give
+    sample = NearIDSample("s", "g", ("a", "b", None), ("c", None, None))
+    mtg = MTGSample("t", "g", "a", "b", "c", None, None, None, None, None)
+    embeddings = np.full((3, 1), x, dtype=np.float32)
+    index = {"a": 0, "b": 1, "c": 2}
+    nearid = nearid_similarities([sample], embeddings, index)
+    assert nearid["sim_01"][0] == exact and nearid["cross_00"][0] == exact
+    assert mtg_similarities([mtg], torch.from_numpy(embeddings), index)["sim_1_2"][0] == exact

@@ -836,3 +836,33 @@ def test_console_script(tree, tmp_path):
     scores, ratings = db.load_score_folder(vlm), db.load_rating_tree(tree.ratings)
     overall = db.combine_categories({c: db.human_alignment(scores, ratings, c).value for c in db.CATEGORIES})
     assert printed_row(result.stdout, "gpt4o")[-1] == f"{overall:.3f}"
+
+
+def test_score_runs_leaves_out_pairs_with_an_unreadable_reference_or_generation(tmp_path, scorer):
+    """score_runs: 100 x cosine per key; a pair whose reference *or* generation cannot be read has no score."""
+    from conftest import random_image
+
+    paths = {}
+    for name, seed in (("ref_a", 1), ("ref_b", 2), ("gen_a", 3), ("gen_b", 4), ("gen_c", 5)):
+        paths[name] = tmp_path / f"{name}.png"
+        random_image(seed, (40, 32)).save(paths[name])
+    paths["ref_bad"] = tmp_path / "ref_bad.png"
+    paths["ref_bad"].write_bytes(b"")
+    paths["gen_bad"] = tmp_path / "gen_bad.png"
+    paths["gen_bad"].write_bytes(b"not a picture")
+    runs = {
+        "m1": [("object_00_cup-0_0", paths["ref_a"], paths["gen_a"]),
+               ("object_00_cup-1_0", paths["ref_bad"], paths["gen_b"]),
+               ("object_00_cup-2_0", paths["ref_b"], paths["gen_c"])],
+        "m2": [("object_00_cup-0_0", paths["ref_a"], paths["gen_bad"]),
+               ("object_00_cup-1_0", paths["ref_b"], paths["gen_b"])],
+    }
+    scores, failures = db.score_runs(runs, {"nearid": scorer})
+    expected = 100 * scorer.score([paths["ref_a"], paths["ref_b"], paths["ref_b"]],
+                                  [paths["gen_a"], paths["gen_c"], paths["gen_b"]])
+    assert list(scores) == ["nearid"]
+    assert list(scores["nearid"]["m1"]) == ["object_00_cup-0_0", "object_00_cup-2_0"]
+    assert list(scores["nearid"]["m2"]) == ["object_00_cup-1_0"]
+    got = [*scores["nearid"]["m1"].values(), *scores["nearid"]["m2"].values()]
+    assert np.allclose(got, expected.numpy(), atol=1e-4)
+    assert set(failures) == {str(paths["ref_bad"]), str(paths["gen_bad"])}

@@ -142,3 +142,92 @@ def test_exif_orientation_applied(tmp_path):
     loaded = load_image(path)
     assert loaded.size == (24, 40)
     assert 0x0112 not in loaded.getexif()  # orientation consumed, not applied twice downstream
+
+
+# --- shortest-edge resize + centre crop (CLIP via open_clip, DINOv2 via timm) ----------------------
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# (width, height): odd and even long edges after the resize, crop offsets hitting .5, landscape and portrait
+CROP_PICTURES = [(37, 23), (80, 61), (30, 30), (101, 47), (64, 90), (5, 130), (33, 32), (129, 64)]
+
+
+def crop_pictures() -> list[Image.Image]:
+    return [random_image(60 + i, size) for i, size in enumerate(CROP_PICTURES)]
+
+
+@pytest.mark.parametrize("size, crop_pct, shortest_edge", [
+    (224, 0.875, 256), (224, 0.9, 248), (224, 0.95, 235), (224, 1.0, 224),  # 248.9 -> 248, 235.8 -> 235
+    (30, 0.875, 34), (30, 0.95, 31), (518, 1.0, 518),
+])
+def test_timm_shortest_edge_floors_size_over_crop_pct(size, crop_pct, shortest_edge):
+    """timm's eval transform resizes the shortest edge to floor(size / crop_pct) (truncated, not rounded)."""
+    from nearid_metric.preprocess import config_from_timm
+
+    config = config_from_timm({"input_size": (3, size, size), "interpolation": "bicubic", "mean": IMAGENET_MEAN,
+                               "std": IMAGENET_STD, "crop_pct": crop_pct, "crop_mode": "center"})
+    assert (config.height, config.width, config.shortest_edge) == (size, size, shortest_edge)
+    assert (config.resize_mode, config.rgb_mode, config.resample) == ("shortest", "convert", 3)
+    assert config.image_mean == IMAGENET_MEAN and config.image_std == IMAGENET_STD
+
+
+@pytest.mark.parametrize("crop_pct", [0.875, 0.95, 1.0])
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_timm_config_pixels_match_timm_eval_transform(crop_pct, interpolation):
+    """Bit-exact against timm's own eval transform for crop_pct < 1 too (the tiny DINOv2 uses crop_pct 1)."""
+    from timm.data import create_transform
+
+    from nearid_metric.preprocess import config_from_timm
+
+    data_config = {"input_size": (3, 30, 30), "interpolation": interpolation, "mean": IMAGENET_MEAN,
+                   "std": IMAGENET_STD, "crop_pct": crop_pct, "crop_mode": "center"}
+    transform = create_transform(**data_config)
+    config = config_from_timm(data_config)
+    for image in crop_pictures():
+        assert torch.equal(preprocess(image, config), transform(image)), (image.size, crop_pct, interpolation)
+
+
+@pytest.mark.parametrize("change", [{"crop_mode": "squash"}, {"crop_mode": "border"}, {"input_size": (3, 30, 40)},
+                                    {"interpolation": "nearest"}])
+def test_timm_config_refuses_other_crops(change):
+    from nearid_metric.preprocess import config_from_timm
+
+    data_config = {"input_size": (3, 30, 30), "interpolation": "bicubic", "mean": IMAGENET_MEAN,
+                   "std": IMAGENET_STD, "crop_pct": 0.875, "crop_mode": "center"}
+    with pytest.raises(ValueError, match="unsupported timm data config"):
+        config_from_timm({**data_config, **change})
+
+
+@pytest.mark.parametrize("resize_mode, image_size", [("shortest", 30), ("squash", 30), ("squash", (24, 40))])
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_open_clip_config_pixels_match_open_clip_transform(resize_mode, image_size, interpolation):
+    """config_from_open_clip against open_clip's eval transform, both resize modes and a non-square squash."""
+    import open_clip
+
+    from nearid_metric.preprocess import config_from_open_clip
+
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    config = config_from_open_clip({"mean": mean, "std": std, "interpolation": interpolation,
+                                    "resize_mode": resize_mode}, image_size)
+    transform = open_clip.image_transform(image_size, is_train=False, mean=mean, std=std, resize_mode=resize_mode,
+                                          interpolation=interpolation)
+    assert config.rgb_mode == "convert"  # open_clip loaders convert("RGB"): alpha dropped, not composited on white
+    for image in crop_pictures():
+        ours = preprocess(image, config)
+        assert torch.equal(ours, transform(image)), (image.size, resize_mode, interpolation)
+    if image_size == (24, 40):
+        assert ours.shape == (3, 24, 40)  # (height, width)
+
+
+def test_center_crop_offsets_by_hand():
+    """A 7 x 4 ramp resized to itself: the crop window starts at round-half-even((7 - 4) / 2) = 2, not 3 // 2 = 1."""
+    config = PreprocessConfig(height=4, width=4, resample=2, resize_mode="shortest", shortest_edge=4,
+                              rgb_mode="convert", do_normalize=False, do_rescale=False)
+    ramp = np.repeat(np.arange(7, dtype=np.uint8)[None, :, None] * 30, 4, axis=0).repeat(3, axis=2)  # [H=4, W=7, 3]
+    out = preprocess(Image.fromarray(ramp), config)
+    assert out.shape == (3, 4, 4)
+    assert out[0, 0].tolist() == [60.0, 90.0, 120.0, 150.0]  # columns 2..5
+    tall = preprocess(Image.fromarray(np.ascontiguousarray(ramp.transpose(1, 0, 2))), config)  # 4 wide, 7 high
+    assert tall[0, :, 0].tolist() == [60.0, 90.0, 120.0, 150.0]  # rows 2..5
+    # 9 x 4: (9 - 4) / 2 = 2.5 rounds half to even -> 2 (torchvision), columns 2..5
+    wide = np.repeat(np.arange(9, dtype=np.uint8)[None, :, None] * 20, 4, axis=0).repeat(3, axis=2)
+    assert preprocess(Image.fromarray(wide), config)[0, 0].tolist() == [40.0, 60.0, 80.0, 100.0]

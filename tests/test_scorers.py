@@ -215,6 +215,18 @@ def test_bf16_close_to_fp32(name, clip_folder, dino_folder):
     assert (full * half).sum(-1).min() > 0.99
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_embeddings_are_normalised_in_float32(precision, clip_folder):
+    """The encoder runs in half precision, but the L2 normalisation happens in float32: unit norms to 1e-6.
+
+    (Normalising in bf16/fp16 and casting afterwards leaves norms off by ~1e-3.)
+    """
+    images = pictures()
+    emb = create_scorer("clip-i", pretrained=clip_folder, device="cpu", precision=precision).embed(images)
+    assert emb.dtype == torch.float32
+    assert (emb.double().norm(dim=-1) - 1).abs().max() < 1e-6
+
+
 def test_embed_images_shares_one_decode(monkeypatch, tmp_path, checkpoint_dir, clip_folder, dino_folder, siglip_base):
     """Several scorers in one pass decode each file once and equal separate runs, failures included."""
     import nearid_metric.scorer as scorer_module

@@ -114,10 +114,11 @@ def make_pairing(args: argparse.Namespace, parser: argparse.ArgumentParser) -> P
 
 
 def summarize(scores: np.ndarray) -> dict[str, float | int | None]:
-    """count, mean, std (sample, ddof=1), median, min, max of the pair scores; None where undefined."""
+    """count, mean, std (sample, ddof=1), median, min, max of the pair scores (in float64); None where undefined."""
     def number(x: float) -> float | None:
         return None if math.isnan(x) else float(x)
 
+    scores = np.asarray(scores, dtype=np.float64)
     n = len(scores)
     return {
         "count": n,
