@@ -450,3 +450,13 @@ def test_numeric_modules_import_without_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_pooling_refuses_null_rates_from_json():
+    """A row read back from table.json (NaN written as null) with a nonzero weight is an error, not a crash."""
+    from nearid_metric.protocol import pool_results
+
+    row = {"SSR": None, "SSR_mean": 50.0, "PA": 40.0, "PA_terms": 30.0,
+           "n_samples": 2, "n_terms": 10, "n_trials": 12, "n_excluded": 0}
+    with pytest.raises(ValueError, match="no value for 'SSR'"):
+        pool_results([row])

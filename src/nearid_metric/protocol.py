@@ -247,7 +247,7 @@ def pool_results(results: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         for i, row in enumerate(rows):
             if int(row[weight]) == 0:
                 continue
-            if rate not in row or np.isnan(row[rate]):
+            if rate not in row or row[rate] is None or np.isnan(row[rate]):
                 raise ValueError(f"result {i} has {weight} > 0 but no value for '{rate}'")
             total += int(row[weight])
             weighted += float(row[rate]) * int(row[weight])
