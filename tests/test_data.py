@@ -266,6 +266,14 @@ def test_mtg_oracles_from_masks(tmp_path):
     with pytest.raises(ValueError, match="masks obj and part"):
         mtg_oracles([wrong])
 
+    # collecting failures instead: each bad view is NaN and named, the good views keep their oracle
+    failures: dict[str, str] = {}
+    oracle_1, oracle_2 = mtg_oracles([bad, wrong, *samples], failures=failures)
+    assert np.isnan(oracle_1[:2]).all() and np.isnan(oracle_2[:2]).all()
+    np.testing.assert_allclose(oracle_1[2:], [1 - 10 / 50, 0.0])
+    assert set(failures) == {"obj", "part"}
+    assert "masks obj and part" in failures["part"]
+
 
 def test_mtg_similarities_are_dot_products():
     vectors = {"1": [1.0, 0.0], "2": [0.6, 0.8], "1p": [0.0, 1.0], "2p": [-1.0, 0.0]}

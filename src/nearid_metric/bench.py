@@ -22,7 +22,6 @@ import math
 import sys
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,6 @@ from nearid_metric._console import stderr_logging
 from nearid_metric._version import __version__
 from nearid_metric.cli import EXIT_NOTHING_SCORED, EXIT_OK, add_model_arguments, load_scorers
 from nearid_metric.data import MTGSample, NearIDSample, mtg_similarities, nearid_similarities, unique_images
-from nearid_metric.images import ImageLoadError
 from nearid_metric.protocol import (
     MTG_ALIGNMENT,
     MTG_COLUMNS,
@@ -96,9 +94,8 @@ def mtg_similarity_table(samples: Sequence[MTGSample], scorers: Mapping[str, Sco
     failures, like an unreadable image).
     """
     table, failures = _similarity_table(samples, scorers, mtg_similarities, batch_size, num_workers, progress)
-    oracles = np.array([_oracles(sample, failures) for sample in samples], dtype=np.float64).reshape(-1, 2)
-    for k, name in enumerate(ORACLE_COLUMNS):
-        table[name] = np.tile(oracles[:, k], len(scorers))
+    for name, oracle in zip(ORACLE_COLUMNS, data.mtg_oracles(samples, failures=failures)):
+        table[name] = np.tile(oracle, len(scorers))
     return table, failures
 
 
@@ -120,22 +117,6 @@ def _similarity_table(samples: Sequence[NearIDSample | MTGSample], scorers: Mapp
     table = {name: np.concatenate([np.asarray(part[name], dtype=object if name in LABELS else np.float64)
                                    for part in parts]) for name in parts[0]}
     return table, {str(images[i]): reason for i, reason in sorted(failed.items())}
-
-
-def _oracles(sample: MTGSample, failures: dict[str, str]) -> tuple[float, float]:
-    """Both oracles of one sample, each on its own so that one bad mask loses only its view."""
-    values = []
-    for view, other in ((1, 2), (2, 1)):
-        alone = replace(sample, **{f"object_mask_{other}": None, f"part_mask_{other}": None})
-        try:
-            values.append(float(data.mtg_oracles([alone])[view - 1][0]))
-        except ImageLoadError as e:
-            failures[e.path] = e.reason
-            values.append(math.nan)
-        except ValueError as e:  # object and part masks of different sizes
-            failures[str(getattr(sample, f"part_mask_{view}"))] = str(e)
-            values.append(math.nan)
-    return values[0], values[1]
 
 
 # --- tables of results ----------------------------------------------------------------------------

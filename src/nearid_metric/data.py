@@ -49,7 +49,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from nearid_metric.images import IMAGE_EXTENSIONS, EncodedImage, ImageSource, load_image
+from nearid_metric.images import IMAGE_EXTENSIONS, EncodedImage, ImageLoadError, ImageSource, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -570,13 +570,15 @@ def mtg_similarities(samples: Sequence[MTGSample], embeddings: Any,
     return {name: _cosines(matrix, rows[a], rows[b]) for name, (a, b) in _MTG_PAIRS.items()}
 
 
-def mtg_oracles(samples: Sequence[MTGSample]) -> tuple[np.ndarray, np.ndarray]:
+def mtg_oracles(samples: Sequence[MTGSample],
+                failures: dict[str, str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Oracle similarity of view 1 and view 2 per sample: ``1 - part area / object area``; [N] float64 each.
 
     The decoded masks go to :func:`nearid_metric.protocol.mtg_oracle` (binarised at > 0 there;
     0 when the object mask is empty). NaN where a mask is missing. An unreadable mask raises
     :class:`~nearid_metric.images.ImageLoadError`, masks of different sizes ``ValueError``, each
-    naming the mask.
+    naming the mask; with ``failures`` given, that view's oracle is NaN instead and the problem
+    is recorded there (``{mask name: reason}``), so one bad mask loses only its own view.
     """
     from nearid_metric.protocol import mtg_oracle
 
@@ -585,8 +587,16 @@ def mtg_oracles(samples: Sequence[MTGSample]) -> tuple[np.ndarray, np.ndarray]:
             return float("nan")
         try:
             return mtg_oracle(load_image(object_mask), load_image(part_mask))
+        except ImageLoadError as e:
+            if failures is None:
+                raise
+            failures[e.path] = e.reason
         except ValueError as e:
-            raise ValueError(f"masks {object_mask} and {part_mask}: {e}") from None
+            reason = f"masks {object_mask} and {part_mask}: {e}"
+            if failures is None:
+                raise ValueError(reason) from None
+            failures[str(part_mask)] = reason
+        return float("nan")
 
     return (np.array([oracle(s.object_mask_1, s.part_mask_1) for s in samples], dtype=np.float64),
             np.array([oracle(s.object_mask_2, s.part_mask_2) for s in samples], dtype=np.float64))
