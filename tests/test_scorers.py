@@ -276,3 +276,28 @@ def test_registry_matches_scorers():
     for key, entry in registry().items():
         assert all(SCORERS[name].weights == key for name in entry["scorers"]), key
         assert (Path(__file__).parents[1] / entry["card"]).is_file(), entry["card"]
+
+
+def test_score_pairs_reads_each_file_once(monkeypatch, tmp_path, scorer, clip_folder):
+    """A file reached directly and through a symlink is decoded once; a pair with a bad side is NaN, unscored."""
+    import nearid_metric.scorer as scorer_module
+    from nearid_metric.scorer import score_pairs
+
+    a, b, bad = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "bad.png"
+    random_image(80, (50, 40)).save(a)
+    random_image(81, (30, 60)).save(b)
+    bad.write_bytes(b"")
+    (tmp_path / "link.png").symlink_to(a)
+    pairs = [(a, b), (tmp_path / "link.png", b), (b, bad), (a, a)]
+    clip = create_scorer("clip-i", pretrained=clip_folder, device="cpu")
+    opened = []
+    real = scorer_module.load_image
+    monkeypatch.setattr(scorer_module, "load_image", lambda p: opened.append(str(p)) or real(p))
+    values, scored, failures = score_pairs([scorer, clip], pairs, batch_size=2)
+    assert sorted(opened) == sorted(map(str, (a, b, bad)))
+    assert scored.tolist() == [True, True, False, True]
+    assert failures == {str(bad): "empty file (0 bytes)"}
+    for built, got in zip((scorer, clip), values):
+        assert torch.isnan(got[2])
+        expected = built.score([a, a, a], [b, b, a])
+        assert torch.allclose(got[[0, 1, 3]], expected, atol=1e-6)

@@ -16,7 +16,7 @@ import numpy as np
 from nearid_metric._console import stderr_logging
 from nearid_metric._version import __version__
 from nearid_metric.pairing import Pairing, pair_all, pair_by_name, pair_from_manifest
-from nearid_metric.scorer import PRECISIONS, Scorer, embed_images
+from nearid_metric.scorer import PRECISIONS, Scorer, score_pairs
 from nearid_metric.scorers import create_scorer, list_scorers
 
 logger = logging.getLogger("nearid_metric")
@@ -164,15 +164,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, pairing: Pairing, scorers: dict[str, Scorer]) -> int:
     """Embed every distinct file once (all models in one pass), score the pairs, report, write outputs."""
-    paths = list(dict.fromkeys(p for pair in pairing.pairs for p in pair))  # each file decoded once
-    embeddings, failed_rows = embed_images(list(scorers.values()), paths, batch_size=args.batch_size,
-                                           num_workers=args.num_workers,
-                                           progress=False if args.no_progress else None)
-    failures = {str(paths[i]): reason for i, reason in sorted(failed_rows.items())}
-    row = {p: i for i, p in enumerate(paths)}
-    scored = [(r, g) for r, g in pairing.pairs if str(r) not in failures and str(g) not in failures]
-    refs, gens = [row[r] for r, _ in scored], [row[g] for _, g in scored]
-    scores = {column: (emb[refs] * emb[gens]).sum(-1).numpy() for column, emb in zip(scorers, embeddings)}
+    values, ok, failures = score_pairs(list(scorers.values()), pairing.pairs, batch_size=args.batch_size,
+                                       num_workers=args.num_workers, progress=False if args.no_progress else None)
+    scored = [pair for pair, good in zip(pairing.pairs, ok.tolist()) if good]
+    scores = {column: v[ok].numpy() for column, v in zip(scorers, values)}
     report_problems(pairing, failures)
 
     summary = {

@@ -558,42 +558,29 @@ def score_runs(
     """Score the ``(key, reference, generation)`` pairs of every run with every scorer.
 
     ``runs`` is {method: pairs}, the pairs as from :func:`run_pairs`; ``scorers`` is
-    {column: Scorer}, e.g. from ``nearid_metric.cli.load_scorers``. All pairs are collected
-    first, then each distinct image file is decoded once and embedded once per scorer in one
-    :func:`nearid_metric.scorer.embed_images` pass; files are told apart by resolved path, so a
-    ``src_image/`` shared between runs through a symlink is read once.
+    {column: Scorer}, e.g. from ``nearid_metric.cli.load_scorers``. All pairs go through one
+    :func:`nearid_metric.scorer.score_pairs` pass: each distinct image file is decoded once and
+    embedded once per scorer; files are told apart by resolved path, so a ``src_image/``
+    shared between runs through a symlink is read once.
 
     Returns ``(scores, failures)``: ``scores`` is {column: {method: {key: score}}} with
     score = :data:`SCORE_SCALE` x cosine of the L2-normalised embeddings (a Python float, from
     float32 embeddings), keys in pair order; a pair whose reference or generation could not be
     read has no score. ``failures`` is {path: reason} for every unreadable file.
     """
-    from nearid_metric.scorer import embed_images
+    from nearid_metric.scorer import score_pairs
 
-    rows: dict[Path, int] = {}
-    paths: list[Path] = []
-
-    def row(path: str | os.PathLike) -> int:
-        resolved = Path(path).resolve()
-        if resolved not in rows:
-            rows[resolved] = len(paths)
-            paths.append(Path(path))
-        return rows[resolved]
-
-    index = {method: [(key, row(ref), row(gen)) for key, ref, gen in pairs] for method, pairs in runs.items()}
-    logger.info("scoring %d pairs of %d methods: %d distinct image files, models %s",
-                sum(map(len, index.values())), len(index), len(paths), ", ".join(scorers))
-    embeddings, failed = embed_images(list(scorers.values()), paths, batch_size=batch_size,
-                                      num_workers=num_workers, progress=progress)
+    flat = [(method, key, ref, gen) for method, pairs in runs.items() for key, ref, gen in pairs]
+    logger.info("scoring %d pairs of %d methods, models %s", len(flat), len(runs), ", ".join(scorers))
+    values, ok, failures = score_pairs(list(scorers.values()), [(ref, gen) for _, _, ref, gen in flat],
+                                       batch_size=batch_size, num_workers=num_workers, progress=progress)
     scores: dict[str, dict[str, dict[str, float]]] = {}
-    for column, emb in zip(scorers, embeddings):
-        scores[column] = {}
-        for method, items in index.items():
-            ok = [(key, r, g) for key, r, g in items if r not in failed and g not in failed]
-            refs, gens = [r for _, r, _ in ok], [g for _, _, g in ok]
-            cosines = (emb[refs] * emb[gens]).sum(-1)
-            scores[column][method] = {key: SCORE_SCALE * float(c) for (key, _, _), c in zip(ok, cosines.tolist())}
-    return scores, {str(paths[i]): reason for i, reason in sorted(failed.items())}
+    for column, cosines in zip(scorers, values):
+        scores[column] = {method: {} for method in runs}
+        for (method, key, _, _), cosine, good in zip(flat, cosines.tolist(), ok.tolist()):
+            if good:
+                scores[column][method][key] = SCORE_SCALE * cosine
+    return scores, failures
 
 
 # --- the nearid-dreambench command ----------------------------------------------------------------

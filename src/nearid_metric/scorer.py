@@ -234,6 +234,42 @@ def embed_images(
     return out, failures
 
 
+def score_pairs(
+    scorers: Sequence[Scorer],
+    pairs: Sequence[tuple[ImageInput, ImageInput]],
+    *,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    progress: bool | None = None,
+) -> tuple[list[torch.Tensor], torch.Tensor, dict[str, str]]:
+    """Cosines of (reference, generation) pairs for several scorers, each distinct image decoded once.
+
+    Files are told apart by resolved path (a file reached through a symlink is read once),
+    other inputs by equality. Returns one float32 tensor [P] per scorer (NaN for a pair with
+    an unreadable side), the mask [P] of scored pairs (the same for every scorer) and
+    ``{image: reason}`` for the unreadable images, in order of first appearance.
+    """
+    rows: dict[object, int] = {}
+    images: list[ImageInput] = []
+
+    def row(image: ImageInput) -> int:
+        key = Path(image).resolve() if isinstance(image, (str, os.PathLike)) else image
+        if key not in rows:
+            rows[key] = len(images)
+            images.append(image)
+        return rows[key]
+
+    refs = torch.tensor([row(ref) for ref, _ in pairs], dtype=torch.long)
+    gens = torch.tensor([row(gen) for _, gen in pairs], dtype=torch.long)
+    embeddings, failed = embed_images(scorers, images, batch_size=batch_size, num_workers=num_workers,
+                                      progress=progress)
+    bad = torch.zeros(len(images), dtype=torch.bool)
+    bad[list(failed)] = True
+    scored = ~(bad[refs] | bad[gens])
+    scores = [torch.where(scored, (emb[refs] * emb[gens]).sum(-1), float("nan")) for emb in embeddings]
+    return scores, scored, {str(images[i]): reason for i, reason in sorted(failed.items())}
+
+
 def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
