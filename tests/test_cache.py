@@ -1,0 +1,158 @@
+"""The on-disk array store (nearid_metric.cache): keys, parts, signatures, damage and resumption."""
+
+import hashlib
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from nearid_metric.cache import ArrayStore, content_key, content_keys
+from nearid_metric.images import EncodedImage, ImageLoadError
+
+
+def _rows(n, shape=(3, 4), seed=0):
+    return np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
+
+
+def test_content_key_is_sha256_of_the_bytes(tmp_path):
+    data = b"\x89PNG not really an image"
+    (tmp_path / "a.png").write_bytes(data)
+    expected = hashlib.sha256(data).hexdigest()
+    assert content_key(tmp_path / "a.png") == expected
+    assert content_key(str(tmp_path / "a.png")) == expected
+    assert content_key(EncodedImage("table/row 3", data)) == expected
+    (tmp_path / "b.png").write_bytes(data + b"!")
+    assert content_key(tmp_path / "b.png") != expected
+
+
+def test_content_keys_report_unreadable_files_and_keep_the_rest(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"a")
+    (tmp_path / "dir.png").mkdir()
+    keys, failures = content_keys([tmp_path / "a.png", tmp_path / "missing.png", tmp_path / "dir.png"], num_threads=2)
+    assert keys == [hashlib.sha256(b"a").hexdigest(), None, None]
+    assert failures == {1: "file not found", 2: "is a directory"}
+    with pytest.raises(ImageLoadError, match="missing.png: file not found"):
+        content_key(tmp_path / "missing.png")
+
+
+def test_put_get_round_trip_across_parts_and_reopen(tmp_path):
+    values = _rows(10)
+    keys = [f"k{i}" for i in range(10)]
+    with ArrayStore(tmp_path, signature="model-a", shape=(3, 4), part_rows=4) as store:
+        store.put(keys[:7], values[:7])  # one part of 7 rows is written at once (>= part_rows)
+        store.put(keys[7:], torch.from_numpy(values[7:]))  # buffered
+        assert len(store) == 10 and "k9" in store
+        np.testing.assert_array_equal(store.get(["k9", "k0", "k5"]), values[[9, 0, 5]])
+    assert len(list(store.folder.glob("part-*.npy"))) == 2
+    reopened = ArrayStore(tmp_path, signature="model-a", shape=(3, 4))
+    order = [3, 8, 0, 9, 1]
+    np.testing.assert_array_equal(reopened.get([keys[i] for i in order]), values[order])
+    with pytest.raises(KeyError, match="nope"):
+        reopened.get(["k1", "nope"])
+
+
+def test_existing_keys_are_not_overwritten(tmp_path):
+    store = ArrayStore(tmp_path, signature="s", shape=(2,))
+    store.put(["a"], np.array([[1.0, 2.0]]))
+    store.put(["a", "b"], np.array([[9.0, 9.0], [3.0, 4.0]]))
+    store.close()
+    again = ArrayStore(tmp_path, signature="s", shape=(2,))
+    np.testing.assert_array_equal(again.get(["a", "b"]), [[1.0, 2.0], [3.0, 4.0]])
+    assert len(again) == 2
+
+
+def test_signatures_never_share_entries(tmp_path):
+    with ArrayStore(tmp_path, signature="nearid|fp32", shape=(2,)) as store:
+        store.put(["img"], np.ones((1, 2)))
+    other = ArrayStore(tmp_path, signature="nearid|bf16", shape=(2,))
+    assert "img" not in other and len(other) == 0
+    assert "img" in ArrayStore(tmp_path, signature="nearid|fp32", shape=(2,))
+
+
+def test_metadata_mismatch_is_a_clear_error(tmp_path):
+    ArrayStore(tmp_path, signature="s", shape=(2,), dtype="float16").close()
+    with pytest.raises(ValueError, match="does not match"):
+        ArrayStore(tmp_path, signature="s", shape=(3,), dtype="float16")
+    with pytest.raises(ValueError, match="does not match"):
+        ArrayStore(tmp_path, signature="s", shape=(2,), dtype="float32")
+
+
+def test_dtype_is_the_stores(tmp_path):
+    store = ArrayStore(tmp_path, signature="s", shape=(2,), dtype="float16")
+    store.put(["a"], torch.tensor([[1.0 / 3, 2.0]], dtype=torch.bfloat16))
+    store.close()
+    got = ArrayStore(tmp_path, signature="s", shape=(2,), dtype="float16").get(["a"])
+    assert got.dtype == np.float16
+    np.testing.assert_array_equal(got, np.array([[torch.tensor(1.0 / 3, dtype=torch.bfloat16).item(), 2.0]],
+                                                np.float16))
+
+
+def test_put_checks_the_shape(tmp_path):
+    store = ArrayStore(tmp_path, signature="s", shape=(2,))
+    with pytest.raises(ValueError, match=r"values of shape \(2, 3\) for 2 keys"):
+        store.put(["a", "b"], np.zeros((2, 3)))
+
+
+def test_damaged_part_is_reported_moved_aside_and_its_keys_recomputed(tmp_path, caplog):
+    with ArrayStore(tmp_path, signature="s", shape=(3, 4), part_rows=3) as store:
+        store.put(["a", "b", "c"], _rows(3))
+        store.put(["d", "e", "f"], _rows(3, seed=1))
+    parts = sorted(store.folder.glob("part-*.npy"))
+    damaged = parts[0]
+    raw = bytearray(damaged.read_bytes())
+    raw[-1] ^= 0xFF  # one flipped byte in the last stored value
+    damaged.write_bytes(bytes(raw))
+    damaged_keys = set(json.loads(damaged.with_suffix(".json").read_text())["keys"])
+    with caplog.at_level(logging.WARNING, logger="nearid_metric.cache"):
+        store = ArrayStore(tmp_path, signature="s", shape=(3, 4))
+    assert damaged.name in caplog.text and "checksum mismatch" in caplog.text
+    assert not damaged.exists() and damaged.with_name(damaged.name + ".corrupt").exists()
+    assert {k for k in "abcdef" if k not in store} == damaged_keys
+    # recomputed entries are stored again and found after reopening
+    store.put(sorted(damaged_keys), _rows(3))
+    store.close()
+    assert all(k in ArrayStore(tmp_path, signature="s", shape=(3, 4)) for k in "abcdef")
+
+
+def test_truncated_part_is_detected_without_checksums(tmp_path, caplog):
+    with ArrayStore(tmp_path, signature="s", shape=(3, 4)) as store:
+        store.put(["a", "b"], _rows(2))
+    (part,) = store.folder.glob("part-*.npy")
+    part.write_bytes(part.read_bytes()[:-20])
+    with caplog.at_level(logging.WARNING, logger="nearid_metric.cache"):
+        store = ArrayStore(tmp_path, signature="s", shape=(3, 4), verify=False)
+    assert "damaged" in caplog.text and "a" not in store
+
+
+def test_unfinished_part_is_ignored(tmp_path):
+    """A run killed between writing a part's array and its key list leaves no usable entry."""
+    with ArrayStore(tmp_path, signature="s", shape=(2,)) as store:
+        store.put(["a"], np.ones((1, 2)))
+    (meta,) = store.folder.glob("part-*.json")
+    meta.unlink()
+    assert len(ArrayStore(tmp_path, signature="s", shape=(2,))) == 0
+
+
+def test_two_writers_share_a_store(tmp_path):
+    first = ArrayStore(tmp_path, signature="s", shape=(2,))
+    second = ArrayStore(tmp_path, signature="s", shape=(2,))
+    first.put(["a"], np.full((1, 2), 1.0))
+    second.put(["b"], np.full((1, 2), 2.0))
+    first.flush()
+    second.flush()
+    assert "b" not in first
+    first.refresh()
+    np.testing.assert_array_equal(first.get(["a", "b"]), [[1.0, 1.0], [2.0, 2.0]])
+    assert len(list(first.folder.glob("part-*.npy"))) == 2
+
+
+def test_store_survives_pickling_for_loader_workers(tmp_path):
+    import pickle
+
+    with ArrayStore(tmp_path, signature="s", shape=(2,)) as store:
+        store.put(["a"], np.full((1, 2), 5.0))
+    store.get(["a"])  # opens a memory map
+    clone = pickle.loads(pickle.dumps(store))
+    np.testing.assert_array_equal(clone.get(["a"]), [[5.0, 5.0]])
