@@ -274,10 +274,10 @@ def test_bare_model_names_build_default_weights(monkeypatch, tmp_path):
     monkeypatch.setattr(cli, "create_scorer", lambda name, **kwargs: calls.append((name, kwargs)) or name)
     parser = cli.build_parser()
     args = parser.parse_args([str(tmp_path), str(tmp_path), "--model", "clip-i,dinov2=/w/dino", "--device", "cpu",
-                              "--precision", "bf16"])
+                              "--precision", "bf16", "--compile"])
     assert cli.load_scorers(args, parser) == {"clip-i": "clip-i", "dinov2": "dinov2"}
-    assert calls == [("clip-i", {"pretrained": None, "revision": None, "device": "cpu", "precision": "bf16"}),
-                     ("dinov2", {"pretrained": "/w/dino", "revision": None, "device": "cpu", "precision": "bf16"})]
+    common = {"revision": None, "device": "cpu", "precision": "bf16", "compile": True}
+    assert calls == [("clip-i", {"pretrained": None, **common}), ("dinov2", {"pretrained": "/w/dino", **common})]
 
 
 def test_unreadable_reference_skips_its_pairs(tmp_path, checkpoint_dir, scorer):

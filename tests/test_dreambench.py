@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -557,6 +558,7 @@ class Tree:
     samples: Path
     ratings: Path
     distinct_files: int  # image files behind all pairs, a shared src_image counted once
+    distinct_images: int  # distinct contents among them (a concept's src_image copies are one image)
 
 
 def rated_keys() -> list[str]:
@@ -609,7 +611,8 @@ def tree(tmp_path_factory) -> Tree:
         for category in db.CATEGORIES:  # every correlation in the tree is defined
             assert len(set(db.select_category(g1, category).values())) > 1
             assert len(set(db.select_category(g2, category).values())) > 1
-    return Tree(samples, ratings, files)
+    contents = {hashlib.sha256(path.read_bytes()).digest() for path in samples.rglob("*.png")}
+    return Tree(samples, ratings, files, len(contents))
 
 
 def run_dreambench(*args) -> int:
@@ -636,7 +639,8 @@ def test_images_end_to_end_two_models(tree, checkpoint_dir, clip_folder, scorer,
     assert run_dreambench("--images", tree.samples, "--ratings", tree.ratings,
                           "--model", f"nearid={checkpoint_dir},clip-i={clip_folder}", "--out", out) == 0
     printed = capsys.readouterr().out
-    assert len(opened) == len(set(opened)) == tree.distinct_files  # each file decoded once, for both models
+    # each distinct image decoded once, for both models (the per-prompt copies of a src_image once in all)
+    assert len(opened) == len(set(opened)) == tree.distinct_images < tree.distinct_files
     monkeypatch.undo()
 
     ratings = db.load_rating_tree(tree.ratings)
@@ -737,7 +741,8 @@ def test_category_and_method_subset(tree, checkpoint_dir, tmp_path, monkeypatch,
     real = scorer_module.load_image
     monkeypatch.setattr(scorer_module, "load_image", lambda p: opened.append(p) or real(p))
     assert run_dreambench(*args, "--methods", ",".join(RUNS)) == 0
-    assert len(opened) == 6 * 5 and all("object_" in str(p) for p in opened)  # 6 keys x (3 gen + 2 src folders)
+    # 6 keys x 3 gen, plus the 2 object concepts' src images (the copies per prompt and run are one content)
+    assert len(opened) == 6 * 3 + 2 and all("object_" in str(p) for p in opened)
     captured = capsys.readouterr()
     assert captured.out.splitlines()[1].split() == ["scorer", "object"]  # no overall without all 4 categories
     saved = db.load_score_folder(out / "nearid")

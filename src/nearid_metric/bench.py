@@ -19,6 +19,7 @@ import csv
 import json
 import logging
 import math
+import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -72,41 +73,43 @@ _SHOWN = 5  # examples named in an error message
 
 
 def nearid_similarity_table(samples: Sequence[NearIDSample], scorers: Mapping[str, Scorer], *,
-                            batch_size: int = 32, num_workers: int = 0,
-                            progress: bool | None = None) -> tuple[Table, dict[str, str]]:
+                            batch_size: int | None = None, num_workers: int = 0, progress: bool | None = None,
+                            cache_dir: str | os.PathLike | None = None) -> tuple[Table, dict[str, str]]:
     """NearID similarity columns of every sample for every scorer, each image embedded once.
 
     ``scorers``: model name (the ``model`` column) -> scorer. Returns the table (``id, group,
     model, signature``, then ``sim_01 .. sim_12``, ``cross_00 .. cross_22``, ``neg_sim_01 ..
     neg_sim_12``, float64 cosines, NaN where an image is missing or unreadable; rows model after
-    model) and ``{image name: reason}`` for the images that could not be read.
+    model) and ``{image name: reason}`` for the images that could not be read. The keyword
+    arguments go to :func:`nearid_metric.scorer.embed_images`.
     """
-    return _similarity_table(samples, scorers, nearid_similarities, batch_size, num_workers, progress)
+    return _similarity_table(samples, scorers, nearid_similarities, batch_size=batch_size, num_workers=num_workers,
+                             progress=progress, cache_dir=cache_dir)
 
 
 def mtg_similarity_table(samples: Sequence[MTGSample], scorers: Mapping[str, Scorer], *,
-                         batch_size: int = 32, num_workers: int = 0,
-                         progress: bool | None = None) -> tuple[Table, dict[str, str]]:
+                         batch_size: int | None = None, num_workers: int = 0, progress: bool | None = None,
+                         cache_dir: str | os.PathLike | None = None) -> tuple[Table, dict[str, str]]:
     """MTG similarity columns (``sim_1_2, sim_1_1p, sim_1_2p, sim_2_2p, sim_2_1p``) plus ``oracle_1, oracle_2``.
 
     As :func:`nearid_similarity_table`; the oracles come from the masks (the same for every
     model), NaN where a mask is missing or unreadable (an unreadable mask is listed in the
     failures, like an unreadable image).
     """
-    table, failures = _similarity_table(samples, scorers, mtg_similarities, batch_size, num_workers, progress)
+    table, failures = _similarity_table(samples, scorers, mtg_similarities, batch_size=batch_size,
+                                        num_workers=num_workers, progress=progress, cache_dir=cache_dir)
     for name, oracle in zip(ORACLE_COLUMNS, data.mtg_oracles(samples, failures=failures)):
         table[name] = np.tile(oracle, len(scorers))
     return table, failures
 
 
 def _similarity_table(samples: Sequence[NearIDSample | MTGSample], scorers: Mapping[str, Scorer],
-                      similarities: Callable[..., dict[str, np.ndarray]], batch_size: int, num_workers: int,
-                      progress: bool | None) -> tuple[Table, dict[str, str]]:
+                      similarities: Callable[..., dict[str, np.ndarray]],
+                      **embed_kwargs: Any) -> tuple[Table, dict[str, str]]:
     if not scorers:
         raise ValueError("no scorers given")
     images = unique_images(samples)
-    embeddings, failed = embed_images(list(scorers.values()), images, batch_size=batch_size,
-                                      num_workers=num_workers, progress=progress)
+    embeddings, failed = embed_images(list(scorers.values()), images, **embed_kwargs)
     index = {image: row for row, image in enumerate(images)}
     n = len(samples)
     labels = {"id": [s.id for s in samples], "group": [s.group for s in samples]}
@@ -484,7 +487,7 @@ def run(args: argparse.Namespace, samples: Sequence[NearIDSample | MTGSample], s
     logger.info("%s: %d samples in %d group(s), %d distinct images, model(s) %s", benchmark, len(samples),
                 len(_groups(samples)), n_images, ", ".join(scorers))
     table, failures = similarity_table(samples, scorers, batch_size=args.batch_size, num_workers=args.num_workers,
-                                       progress=False if args.no_progress else None)
+                                       progress=False if args.no_progress else None, cache_dir=args.cache)
     for image, reason in failures.items():
         logger.warning("unreadable, scored as missing (NaN): %s: %s", image, reason)
     if failures:

@@ -1,4 +1,8 @@
-"""``nearid-score REF GEN``: score generated images against references, from the shell."""
+"""``nearid-score REF GEN``: score generated images against references, from the shell.
+
+Also runs as ``torchrun --nproc-per-node N -m nearid_metric.cli REF GEN ...`` (or with
+``--distributed``): the ranks share the embedding work and rank 0 writes the one result.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,14 @@ import logging
 import math
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 
 from nearid_metric._console import stderr_logging
 from nearid_metric._version import __version__
+from nearid_metric.distributed import launched_by_torchrun, missing_torchrun_variables, process_group, rank_and_world
 from nearid_metric.pairing import Pairing, pair_all, pair_by_name, pair_from_manifest
 from nearid_metric.scorer import PRECISIONS, Scorer, score_pairs
 from nearid_metric.scorers import create_scorer, list_scorers
@@ -40,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="folder for scores.csv (per pair) and summary.json")
     parser.add_argument("--strict", action="store_true",
                         help="exit 1 if any file failed, was unmatched or ambiguous")
+    parser.add_argument("--distributed", action="store_true",
+                        help="share the work between the processes of a torchrun launch (implied when torchrun "
+                             "starts more than one); rank 0 writes the results")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -53,10 +62,23 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--revision", help="Hub revision (branch, tag or commit) of the weights; one model only")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--compile", action="store_true", help="run the models through torch.compile")
+    parser.add_argument("--batch-size", type=_positive_int,
+                        help="images per forward pass (default: sized to the device; on CUDA it starts large and "
+                             "halves on out-of-memory errors)")
     parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="image decoding processes (default: min(8, CPU count))")
+    parser.add_argument("--cache", type=Path, metavar="DIR",
+                        help="embedding cache folder: embeddings of images seen before (same content, same model, "
+                             "weights, precision, preprocessing and package version) are reused, new ones stored")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def parse_models(spec: str) -> list[tuple[str, str, str | None]]:
@@ -93,7 +115,7 @@ def load_scorers(args: argparse.Namespace, parser: argparse.ArgumentParser) -> d
     if args.revision is not None and len(models) > 1:
         parser.error("--revision applies to one model; pin each model's weights with NAME=FOLDER instead")
     return {column: create_scorer(name, pretrained=weights, revision=args.revision, device=args.device,
-                                  precision=args.precision)
+                                  precision=args.precision, compile=args.compile)
             for column, name, weights in models}
 
 
@@ -157,16 +179,32 @@ def write_outputs(out: Path, pairs: list[tuple[str, str]], scores: dict[str, np.
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.distributed = args.distributed or launched_by_torchrun()
+    if args.distributed and missing_torchrun_variables():
+        parser.error(f"--distributed needs the environment torchrun sets ({', '.join(missing_torchrun_variables())} "
+                     f"missing): torchrun --nproc-per-node N -m nearid_metric.cli REF GEN ...")
     with stderr_logging("nearid-score"):
         pairing = make_pairing(args, parser)
-        return run(args, pairing, load_scorers(args, parser))
+        with process_group(args.device) if args.distributed else nullcontext(None) as device:
+            if device is not None:
+                args.device = str(device)
+            return run(args, pairing, load_scorers(args, parser))
 
 
 def run(args: argparse.Namespace, pairing: Pairing, scorers: dict[str, Scorer]) -> int:
-    """Embed every distinct file once (all models in one pass), score the pairs, report, write outputs."""
+    """Embed every distinct image once (all models in one pass), score the pairs, report, write outputs.
+
+    Under ``--distributed`` every rank takes part and returns the exit code; only rank 0
+    reports and writes.
+    """
     values, ok, failures = score_pairs(list(scorers.values()), pairing.pairs, batch_size=args.batch_size,
-                                       num_workers=args.num_workers, progress=False if args.no_progress else None)
+                                       num_workers=args.num_workers, progress=False if args.no_progress else None,
+                                       cache_dir=args.cache, distributed=args.distributed)
     scored = [pair for pair, good in zip(pairing.pairs, ok.tolist()) if good]
+    problems = failures or pairing.unmatched_refs or pairing.unmatched_gens or pairing.ambiguous
+    code = EXIT_NOTHING_SCORED if not scored or (args.strict and problems) else EXIT_OK
+    if rank_and_world(args.distributed)[0] > 0:
+        return code
     scores = {column: v[ok].numpy() for column, v in zip(scorers, values)}
     report_problems(pairing, failures)
 
@@ -191,10 +229,7 @@ def run(args: argparse.Namespace, pairing: Pairing, scorers: dict[str, Scorer]) 
     for column, values in scores.items():
         print(f"{column}: mean {values.mean():.6f}" if scored else f"{column}: mean n/a (nothing scored)")
         print(f"{column}: signature {scorers[column].signature}")
-    if not scored:
-        return EXIT_NOTHING_SCORED
-    problems = failures or pairing.unmatched_refs or pairing.unmatched_gens or pairing.ambiguous
-    return EXIT_NOTHING_SCORED if args.strict and problems else EXIT_OK
+    return code
 
 
 if __name__ == "__main__":

@@ -551,17 +551,18 @@ def score_runs(
     runs: Mapping[str, Sequence[tuple[str, str | os.PathLike, str | os.PathLike]]],
     scorers: Mapping[str, Scorer],
     *,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     num_workers: int = 0,
     progress: bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, str]]:
     """Score the ``(key, reference, generation)`` pairs of every run with every scorer.
 
     ``runs`` is {method: pairs}, the pairs as from :func:`run_pairs`; ``scorers`` is
     {column: Scorer}, e.g. from ``nearid_metric.cli.load_scorers``. All pairs go through one
-    :func:`nearid_metric.scorer.score_pairs` pass: each distinct image file is decoded once and
-    embedded once per scorer; files are told apart by resolved path, so a ``src_image/``
-    shared between runs through a symlink is read once.
+    :func:`nearid_metric.scorer.score_pairs` pass (which takes the keyword arguments): each
+    distinct image is decoded once and embedded once per scorer; images are told apart by
+    content, so a ``src_image/`` shared between runs (symlinked or copied) is read once.
 
     Returns ``(scores, failures)``: ``scores`` is {column: {method: {key: score}}} with
     score = :data:`SCORE_SCALE` x cosine of the L2-normalised embeddings (a Python float, from
@@ -573,7 +574,8 @@ def score_runs(
     flat = [(method, key, ref, gen) for method, pairs in runs.items() for key, ref, gen in pairs]
     logger.info("scoring %d pairs of %d methods, models %s", len(flat), len(runs), ", ".join(scorers))
     values, ok, failures = score_pairs(list(scorers.values()), [(ref, gen) for _, _, ref, gen in flat],
-                                       batch_size=batch_size, num_workers=num_workers, progress=progress)
+                                       batch_size=batch_size, num_workers=num_workers, progress=progress,
+                                       cache_dir=cache_dir)
     scores: dict[str, dict[str, dict[str, float]]] = {}
     for column, cosines in zip(scorers, values):
         scores[column] = {method: {} for method in runs}
@@ -771,7 +773,7 @@ def _score_images(args: argparse.Namespace, parser: argparse.ArgumentParser, rat
     except (OSError, ValueError) as e:
         parser.error(f"cannot load --model {args.model}: {e}")
     scores, failures = score_runs(pairs, scorers, batch_size=args.batch_size, num_workers=args.num_workers,
-                                  progress=False if args.no_progress else None)
+                                  progress=False if args.no_progress else None, cache_dir=args.cache)
     for path, reason in failures.items():
         logger.warning("cannot read %s: %s", path, reason)
     first = next(iter(scores.values()))  # the same pairs fail for every model

@@ -65,7 +65,7 @@ class NearIDMetric:
         pretrained: str | os.PathLike | None = None,
         device: str | torch.device | None = None,
         precision: str = "fp32",
-        batch_size: int = 32,
+        batch_size: int | None = None,
         process_group: dist.ProcessGroup | None = None,
     ):
         if isinstance(scorer, Scorer):

@@ -5,14 +5,18 @@ This is where an image becomes an embedding:
   -> :func:`nearid_metric.images.load_image` (decode, EXIF orientation)
   -> :func:`nearid_metric.preprocess.resize_to_uint8` (RGB, resize; in loader workers)
   -> :func:`nearid_metric.preprocess.normalize_uint8` (rescale + normalise, on the device)
-  -> ``Scorer.encoder`` (for NearID: the timm SigLIP trunk + MAP head), L2-normalised.
+  -> ``Scorer.encoder`` (for NearID: the timm SigLIP trunk + MAP head), L2-normalised,
+     in forward batches sized to the device (:mod:`nearid_metric.batching`).
 
-The same path serves the baselines (:mod:`nearid_metric.scorers` builds their encoders);
-:func:`embed_images` runs several scorers over one decode of each image.
+The same path serves the baselines (:mod:`nearid_metric.scorers` builds their encoders).
+:func:`embed_images` runs several scorers over one decode of each distinct image (by content,
+:mod:`nearid_metric.embedding_cache`), reusing cached embeddings (``cache_dir``) and sharing
+the work between ``torch.distributed`` ranks (``distributed=True``, :mod:`nearid_metric.distributed`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
@@ -25,7 +29,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from nearid_metric import distributed as dist_utils
 from nearid_metric._version import __version__
+from nearid_metric.batching import auto_batch_size, forward_in_chunks
+from nearid_metric.embedding_cache import EmbeddingCache, image_keys
 from nearid_metric.hub import Checkpoint, file_sha256
 from nearid_metric.images import EncodedImage, ImageLoadError, load_image
 from nearid_metric.preprocess import PreprocessConfig, normalization_table, normalize_uint8, resize_to_uint8
@@ -122,33 +129,56 @@ class Scorer:
         self.device = device
         self.precision = precision
         self.dtype = PRECISIONS[precision]
+        self.batch_limit: int | None = None  # largest forward batch that fit, once one ran out of memory
         self._table = normalization_table(preprocess_config).to(device)
 
-    def embed_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 pixels [B, 3, H, W] from :func:`resize_to_uint8` -> L2-normalised embeddings [B, D] float32."""
-        pixels = normalize_uint8(pixels.to(self.device, non_blocking=True), self._table).to(self.dtype)
+    def forward_batch_size(self, requested: int | None = None) -> int:
+        """Images per forward pass: ``requested``, or sized to the device if None; never above :attr:`batch_limit`."""
+        size = requested or auto_batch_size(self.device, self.preprocess_config.height, self.preprocess_config.width)
+        return min(size, self.batch_limit) if self.batch_limit else size
+
+    def embed_pixels(self, pixels: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        """uint8 pixels [B, 3, H, W] from :func:`resize_to_uint8` -> L2-normalised embeddings [B, D] float32.
+
+        Runs forward passes of :meth:`forward_batch_size` images; an out-of-memory error halves the
+        batch and retries (:func:`nearid_metric.batching.forward_in_chunks`), and the size that
+        fit is kept in :attr:`batch_limit` for later calls. The result stays on the device.
+        """
+        pixels = pixels.to(self.device, non_blocking=True)
+        size = self.forward_batch_size(batch_size)
+        out, fitted = forward_in_chunks(self._forward, pixels, size, name=self.name)
+        if fitted < size:
+            self.batch_limit = fitted
+        return out
+
+    def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        pixels = normalize_uint8(pixels, self._table).to(self.dtype)
         return F.normalize(self.encoder(pixels).float(), dim=-1)
 
-    def embed_with_failures(self, images: Images, *, batch_size: int = 32, num_workers: int = 0,
-                            progress: bool | None = None) -> tuple[torch.Tensor, dict[int, str]]:
+    def embed_with_failures(self, images: Images, *, batch_size: int | None = None, num_workers: int = 0,
+                            progress: bool | None = None,
+                            cache_dir: str | os.PathLike | None = None) -> tuple[torch.Tensor, dict[int, str]]:
         """Embed every image that can be read: ``(embeddings [N, D] float32 CPU, {index: reason})``.
 
-        Rows of images that failed are NaN; the dict says why each failed.
-        ``progress=None`` shows a bar only on a terminal.
+        Rows of images that failed are NaN; the dict says why each failed. See :meth:`embed`.
         """
         (emb,), failures = embed_images([self], images, batch_size=batch_size, num_workers=num_workers,
-                                        progress=progress)
+                                        progress=progress, cache_dir=cache_dir)
         return emb, failures
 
-    def embed(self, images: Images, *, batch_size: int = 32, num_workers: int = 0,
-              progress: bool | None = None) -> torch.Tensor:
+    def embed(self, images: Images, *, batch_size: int | None = None, num_workers: int = 0,
+              progress: bool | None = None, cache_dir: str | os.PathLike | None = None) -> torch.Tensor:
         """Images -> L2-normalised embeddings [N, D], float32 on CPU.
 
-        ``images``: file paths, PIL images, :class:`EncodedImage` or a uint8 tensor [N, 3, H, W].
+        ``images``: file paths, PIL images, :class:`EncodedImage` or a uint8 tensor [N, 3, H, W];
+        images with the same content are embedded once. ``batch_size``: images per forward
+        pass (None: sized to the device, see :mod:`nearid_metric.batching`); ``num_workers``:
+        decoding processes; ``progress=None`` shows a bar only on a terminal; ``cache_dir``:
+        reuse and store embeddings there (see :mod:`nearid_metric.embedding_cache`).
         Raises :class:`ImageLoadError` naming every image that could not be read (after trying all).
         """
         emb, failures = self.embed_with_failures(images, batch_size=batch_size, num_workers=num_workers,
-                                                 progress=progress)
+                                                 progress=progress, cache_dir=cache_dir)
         if failures:
             names = [_describe(images, i) for i in sorted(failures)]
             detail = "; ".join(f"{name}: {failures[i]}" for name, i in zip(names, sorted(failures)))
@@ -184,17 +214,19 @@ class NearIDScore(Scorer):
         revision: str | None = None,
         device: str | torch.device | None = None,
         precision: str = "fp32",
+        compile: bool = False,
     ) -> NearIDScore:
         """Load a checkpoint folder in the released format (same as ``create_scorer("nearid", pretrained=...)``).
 
         ``name_or_path``: a local folder, a registered name (``nearid``, the default) or a Hub repo id.
         ``precision``: ``fp32`` (default, as the reference), ``bf16`` or ``fp16`` weights
         and activations; embeddings are returned in float32 either way.
+        ``compile``: run the encoder through ``torch.compile`` (see :func:`~nearid_metric.create_scorer`).
         """
         from nearid_metric.scorers import create_scorer
 
         return create_scorer("nearid", pretrained=name_or_path, revision=revision, device=device,
-                             precision=precision)
+                             precision=precision, compile=compile)
 
     @property
     def trunk(self) -> torch.nn.Module:
@@ -206,54 +238,126 @@ def embed_images(
     scorers: Sequence[Scorer],
     images: Images,
     *,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     num_workers: int = 0,
     progress: bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    distributed: bool = False,
 ) -> tuple[list[torch.Tensor], dict[int, str]]:
-    """Embed ``images`` with several scorers, decoding each image once.
+    """Embed ``images`` with several scorers, decoding and embedding each distinct image once.
 
     Returns one float32 CPU tensor [N, D_k] per scorer (NaN rows for images that failed)
     and ``{index: reason}`` for the failures, which are the same for every scorer.
-    Scorers sharing a preprocessing share the resized pixels.
+    Images with the same content (file bytes, or pixels) share one decode and one embedding;
+    scorers sharing a preprocessing share the resized pixels. ``batch_size``: images per
+    forward pass (None: :meth:`Scorer.forward_batch_size`). ``cache_dir``: embeddings found
+    there are reused, new ones stored (:class:`~nearid_metric.embedding_cache.EmbeddingCache`).
+    ``distributed``: every rank of the initialised ``torch.distributed`` group passes the same
+    images; each embeds a share and all return the full result (:mod:`nearid_metric.distributed`).
     """
     _check_images(images)
-    configs = list(dict.fromkeys(s.preprocess_config for s in scorers))
-    slot = [configs.index(s.preprocess_config) for s in scorers]
-    loader = DataLoader(_ImageDataset(images, configs), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=_collate, pin_memory=any(s.device.type == "cuda" for s in scorers))
+    rank, world = dist_utils.rank_and_world(distributed)
+    keys = image_keys(images)
+    if distributed:
+        dist_utils.check_same_inputs(keys)
+    first: dict[str, int] = {}
+    owner = torch.tensor([i if key is None else first.setdefault(key, i) for i, key in enumerate(keys)],
+                         dtype=torch.long)  # the image whose embedding image i gets
+    unique = torch.nonzero(owner == torch.arange(len(owner))).flatten()
     n = len(images)
     out = [torch.full((n, s.embed_dim), float("nan")) for s in scorers]
+    cache = EmbeddingCache(cache_dir, scorers) if cache_dir is not None else None
+    with cache or contextlib.nullcontext():
+        need = torch.ones(len(scorers), len(unique), dtype=torch.bool)
+        if cache is not None:
+            for k in range(len(scorers)):
+                hit, values = cache.lookup(k, [keys[i] for i in unique.tolist()])
+                need[k] = torch.from_numpy(~hit)
+                out[k][unique[torch.from_numpy(hit)]] = values
+        if distributed:
+            need = dist_utils.any_rank(need)  # a rank that opened the cache later may have seen more entries
+        todo = torch.nonzero(need.any(0)).flatten()
+        computed, failures = _embed_todo(scorers, images, keys, unique[todo], need[:, todo], cache,
+                                         batch_size=batch_size, num_workers=num_workers, progress=progress,
+                                         rank=rank, world=world)
+    if distributed:
+        computed = [dist_utils.merge_rows(c) for c in computed]
+        failures = dist_utils.merge_dicts(failures)
+    for k in range(len(scorers)):
+        rows = need[k, todo]
+        out[k][unique[todo][rows]] = computed[k][rows]
+    bad = torch.tensor(sorted(failures), dtype=torch.long)
+    for k in range(len(scorers)):
+        out[k][bad] = float("nan")
+        out[k] = out[k][owner]
+    return out, {i: failures[j] for i, j in enumerate(owner.tolist()) if j in failures}
+
+
+def _embed_todo(scorers: Sequence[Scorer], images: Images, keys: Sequence[str | None], rows: torch.Tensor,
+                need: torch.Tensor, cache: EmbeddingCache | None, *, batch_size: int | None, num_workers: int,
+                progress: bool | None, rank: int, world: int) -> tuple[list[torch.Tensor], dict[int, str]]:
+    """Embed ``images[rows]`` (scorer k only where ``need[k]``), this rank's share of the loader batches.
+
+    Returns per scorer [len(rows), D_k] (zeros where not computed here) and {image index: reason}.
+    """
+    configs = list(dict.fromkeys(s.preprocess_config for s in scorers))
+    slot = [configs.index(s.preprocess_config) for s in scorers]
+    sizes = [s.forward_batch_size(batch_size) for s in scorers]
+    position = {image: p for p, image in enumerate(rows.tolist())}
+    batches = [rows[start:start + max(sizes)].tolist() for start in range(0, len(rows), max(sizes))][rank::world]
+    computed = [torch.zeros(len(rows), s.embed_dim) for s in scorers]
     failures: dict[int, str] = {}
-    with torch.inference_mode(), tqdm(total=n, unit="img", disable=_disable(progress)) as bar:
+    if not batches:
+        return computed, failures
+    loader = DataLoader(_ImageDataset(images, configs), batch_sampler=batches, num_workers=num_workers,
+                        collate_fn=_collate, pin_memory=any(s.device.type == "cuda" for s in scorers))
+    total = sum(map(len, batches))
+    hide = True if rank > 0 else _disable(progress)
+    with torch.inference_mode(), tqdm(total=total, unit="img", disable=hide) as bar:
         for indices, pixels, failed in loader:
             failures.update(failed)
             if pixels is not None:
+                places = torch.tensor([position[i] for i in indices.tolist()], dtype=torch.long)
                 for k, scorer in enumerate(scorers):
-                    out[k][indices] = scorer.embed_pixels(pixels[slot[k]]).cpu()
+                    mine = need[k, places]
+                    if not mine.any():
+                        continue
+                    batch = pixels[slot[k]] if mine.all() else pixels[slot[k]][mine]
+                    emb = scorer.embed_pixels(batch, sizes[k]).cpu()
+                    computed[k][places[mine]] = emb
+                    if cache is not None:
+                        cache.put(k, [keys[i] for i in indices[mine].tolist()], emb)
             bar.update(len(indices) + len(failed))
-    return out, failures
+    return computed, failures
 
 
 def score_pairs(
     scorers: Sequence[Scorer],
     pairs: Sequence[tuple[ImageInput, ImageInput]],
     *,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     num_workers: int = 0,
     progress: bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    distributed: bool = False,
 ) -> tuple[list[torch.Tensor], torch.Tensor, dict[str, str]]:
-    """Cosines of (reference, generation) pairs for several scorers, each distinct image decoded once.
+    """Cosines of (reference, generation) pairs for several scorers, each distinct image embedded once.
 
-    Files are told apart by resolved path (a file reached through a symlink is read once),
-    other inputs by equality. Returns one float32 tensor [P] per scorer (NaN for a pair with
-    an unreadable side), the mask [P] of scored pairs (the same for every scorer) and
-    ``{image: reason}`` for the unreadable images, in order of first appearance.
+    A file reached through several paths (e.g. a symlink) is hashed once; images with the same
+    content are decoded and embedded once (:func:`embed_images`, which also takes
+    ``batch_size``, ``num_workers``, ``progress``, ``cache_dir`` and ``distributed``). Returns one
+    float32 tensor [P] per scorer (NaN for a pair with an unreadable side), the mask [P] of
+    scored pairs (the same for every scorer) and ``{image: reason}`` for the unreadable images,
+    in order of first appearance.
     """
     rows: dict[object, int] = {}
     images: list[ImageInput] = []
 
     def row(image: ImageInput) -> int:
-        key = Path(image).resolve() if isinstance(image, (str, os.PathLike)) else image
+        if isinstance(image, (str, os.PathLike)):
+            key: object = Path(image).resolve()
+        else:  # EncodedImage compares by value; PIL images are told apart by content in embed_images
+            key = image if isinstance(image, EncodedImage) else id(image)
         if key not in rows:
             rows[key] = len(images)
             images.append(image)
@@ -262,7 +366,7 @@ def score_pairs(
     refs = torch.tensor([row(ref) for ref, _ in pairs], dtype=torch.long)
     gens = torch.tensor([row(gen) for _, gen in pairs], dtype=torch.long)
     embeddings, failed = embed_images(scorers, images, batch_size=batch_size, num_workers=num_workers,
-                                      progress=progress)
+                                      progress=progress, cache_dir=cache_dir, distributed=distributed)
     bad = torch.zeros(len(images), dtype=torch.bool)
     bad[list(failed)] = True
     scored = ~(bad[refs] | bad[gens])

@@ -55,9 +55,17 @@ class ScorerInfo:
     build: Callable[[Path, torch.dtype, torch.device], Built]
 
 
+def _fused_attention(model: torch.nn.Module) -> torch.nn.Module:
+    """Make timm's attention layers call ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels)."""
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = True
+    return model
+
+
 def _build_siglip(readout: str) -> Callable[[Path, torch.dtype, torch.device], Built]:
     def build(folder: Path, dtype: torch.dtype, device: torch.device) -> Built:
-        trunk = load_checkpoint_trunk(folder, dtype=dtype, device=device, drop_text_tower=True)
+        trunk = _fused_attention(load_checkpoint_trunk(folder, dtype=dtype, device=device, drop_text_tower=True))
         encoder = trunk if readout == "map" else TokenMean(trunk)
         return encoder, PreprocessConfig.from_file(folder / "preprocessor_config.json"), trunk.num_features
 
@@ -79,7 +87,7 @@ def _build_timm(folder: Path, dtype: torch.dtype, device: torch.device) -> Built
     from timm.data import resolve_data_config
 
     model = timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=0, global_pool="token")
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    model = _fused_attention(model.to(device=device, dtype=dtype).eval().requires_grad_(False))
     return model, config_from_timm(resolve_data_config({}, model=model)), model.num_features
 
 
@@ -120,6 +128,7 @@ def create_scorer(
     revision: str | None = None,
     device: str | torch.device | None = None,
     precision: str = "fp32",
+    compile: bool = False,
 ) -> Scorer:
     """Build a scorer by name (:func:`list_scorers`), all sharing ``embed / score / score_matrix / signature``.
 
@@ -127,13 +136,18 @@ def create_scorer(
     folder, a registry name (``weights/registry.json``) or a Hub repo id. The folder must
     hold the scorer's files (:attr:`ScorerInfo.files`, safetensors only; nothing else is
     downloaded). ``precision``: ``fp32`` (default), ``bf16`` or ``fp16``; embeddings are
-    float32 either way. ``create_scorer("nearid", ...)`` returns a :class:`NearIDScore`.
+    float32 either way. ``compile``: wrap the encoder in ``torch.compile`` (the first batches
+    of each size are slow while it compiles; worth it for long runs on a GPU); it changes
+    results only by floating-point rounding and does not enter the signature.
+    ``create_scorer("nearid", ...)`` returns a :class:`NearIDScore`.
     """
     info = scorer_info(name)
     check_precision(precision)
     checkpoint = resolve_checkpoint(pretrained if pretrained is not None else info.weights, revision, info.files)
     device = pick_device(device)
     encoder, preprocess_config, embed_dim = info.build(checkpoint.folder, PRECISIONS[precision], device)
+    if compile:
+        encoder = torch.compile(encoder)
     logger.info("loaded %s weights %s from %s on %s", name, checkpoint.source, checkpoint.folder, device)
     cls = NearIDScore if name == "nearid" else Scorer
     return cls(encoder, preprocess_config, name=name, embed_dim=embed_dim, device=device, precision=precision,

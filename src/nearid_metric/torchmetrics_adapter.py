@@ -31,7 +31,7 @@ class NearIDTorchMetric(Metric):
     full_state_update = False
 
     def __init__(self, scorer: str | Scorer = "nearid", *, pretrained: str | os.PathLike | None = None,
-                 device: str | torch.device | None = None, precision: str = "fp32", batch_size: int = 32,
+                 device: str | torch.device | None = None, precision: str = "fp32", batch_size: int | None = None,
                  **kwargs):
         super().__init__(**kwargs)
         built = scorer if isinstance(scorer, Scorer) else create_scorer(scorer, pretrained=pretrained, device=device,
