@@ -22,23 +22,27 @@ from nearid_metric.train import two_tier_infonce
 # --- the loss ---------------------------------------------------------------------------------------
 
 
-def loop_reference(anchor, positives, negatives, pos_mask, neg_mask, temperature=0.07, alpha=0.5):
-    """Spec section 5 written out with Python loops (differentiable): (loss, {name: float})."""
+def loop_reference(anchor, positives, negatives, pos_mask, neg_mask, temperature=0.07, alpha=0.5, identities=None):
+    """Spec section 5 written out with Python loops (differentiable): (loss, {name: float}).
+
+    ``identities``: positives of another sample with the anchor's label are dropped from both tiers.
+    """
     a = F.normalize(anchor, dim=-1)
     pos = F.normalize(positives, dim=-1)
     neg = F.normalize(negatives, dim=-1)
     batch, slots = pos_mask.shape
+    label = list(range(batch)) if identities is None else [int(i) for i in identities]
     everyone = [(c, q) for c in range(batch) for q in range(slots) if pos_mask[c, q]]
     tier1, hits1, tier2, hits2 = [], [], [], []
     for b in range(batch):
         own_negs = [a[b] @ neg[b, k] / temperature for k in range(neg_mask.shape[1]) if neg_mask[b, k]]
-        row = [a[b] @ pos[c, q] / temperature for c, q in everyone] + own_negs
+        row = [a[b] @ pos[c, q] / temperature for c, q in everyone if c == b or label[c] != label[b]] + own_negs
         for p in range(slots):
             if pos_mask[b, p]:
                 target = a[b] @ pos[b, p] / temperature
                 tier1.append(torch.logsumexp(torch.stack(row), 0) - target)
                 hits1.append(target.item() >= max(x.item() for x in row))
-        others = [a[b] @ pos[c, q] / temperature for c, q in everyone if c != b]
+        others = [a[b] @ pos[c, q] / temperature for c, q in everyone if label[c] != label[b]]
         pooled = torch.logsumexp(torch.stack(others), 0) if others else torch.tensor(-math.inf, dtype=a.dtype)
         for s in own_negs:
             tier2.append(-s + torch.logaddexp(s, pooled))
@@ -96,6 +100,27 @@ def test_loss_matches_loop_reference(seed, temperature, alpha):
             assert torch.all(grad[~mask] == 0)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_shared_identities_are_not_negatives(seed):
+    inputs = random_batch(seed)
+    identities = torch.tensor([0, 1, 0, 2, 1, 1])
+    loss, stats = two_tier_infonce(*inputs, identities=identities)
+    grads = torch.autograd.grad(loss, inputs[:3])
+    clean = [t.detach().nan_to_num().requires_grad_() for t in inputs[:3]]
+    expected, expected_stats = loop_reference(*clean, *inputs[3:], identities=identities)
+    expected_grads = torch.autograd.grad(expected, clean)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-12)
+    assert_stats(stats, expected_stats)
+    for grad, ref in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, ref, rtol=0, atol=1e-12)
+    # distinct labels are the default
+    assert two_tier_infonce(*inputs, identities=torch.arange(6) * 7)[0].item() == pytest.approx(
+        two_tier_infonce(*inputs)[0].item(), abs=1e-12)
+    assert loss.item() != pytest.approx(two_tier_infonce(*inputs)[0].item(), abs=1e-6)
+    with pytest.raises(ValueError, match="identities"):
+        two_tier_infonce(*inputs, identities=torch.zeros(6))
+
+
 def test_gradcheck():
     anchor, positives, negatives, pos_mask, neg_mask = random_batch(7, batch=3, slots=2, hard=2, dim=4)
     positives, negatives = (t.detach().nan_to_num().requires_grad_() for t in (positives, negatives))
@@ -149,6 +174,7 @@ def test_rejects_mismatched_shapes():
 # --- the loss across 2 gloo ranks -------------------------------------------------------------------
 
 SPLITS = [4, 2]  # uneven on purpose: the smaller rank pads its gathered positives
+IDENTITIES = torch.tensor([0, 1, 2, 3, 1, 0])  # samples 4 and 5 share identities with rank 0's samples
 
 
 def free_port() -> int:
@@ -165,7 +191,7 @@ def _loss_worker(rank: int, world: int, port: int, out: str) -> None:
         mine = slice(start, start + SPLITS[rank])
         inputs = [t.detach()[mine] for t in random_batch(11, batch=sum(SPLITS))]
         leaves = [t.requires_grad_() for t in inputs[:3]]
-        loss, stats = two_tier_infonce(*leaves, *inputs[3:])
+        loss, stats = two_tier_infonce(*leaves, *inputs[3:], identities=IDENTITIES[mine])
         loss.backward()
         torch.save({"loss": loss.detach(), "stats": stats, "grads": [t.grad for t in leaves]}, Path(out, f"{rank}.pt"))
     finally:
@@ -176,7 +202,7 @@ def test_two_ranks_equal_one_process(tmp_path):
     mp.spawn(_loss_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
     inputs = random_batch(11, batch=sum(SPLITS))
-    single, single_stats = two_tier_infonce(*inputs)
+    single, single_stats = two_tier_infonce(*inputs, identities=IDENTITIES)
     single_grads = torch.autograd.grad(single, inputs[:3])
 
     assert 0 < single_stats["tier1_acc"] < 1 and 0 < single_stats["tier2_acc"] < 1  # not trivially all/none

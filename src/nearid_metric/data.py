@@ -475,7 +475,7 @@ def read_nearid_folder(root: str | os.PathLike, *, group: str | None = None) -> 
 # --- from embeddings to similarity columns -----------------------------------------------------
 
 
-def _image_key(image: ImageSource) -> Any:
+def image_source_key(image: ImageSource) -> Any:
     """Identity of an image source: the EncodedImage itself, or the path as a string."""
     return image if isinstance(image, EncodedImage) else os.fspath(image)
 
@@ -491,7 +491,7 @@ def unique_images(samples: Iterable[NearIDSample | MTGSample]) -> list[ImageSour
     for sample in samples:
         for image in sample.images:
             if image is not None:
-                seen.setdefault(_image_key(image), image)
+                seen.setdefault(image_source_key(image), image)
     return list(seen.values())
 
 
@@ -513,7 +513,7 @@ def _rows_of(images: Sequence[ImageSource | None], index: dict[Any, int]) -> np.
     for n, image in enumerate(images):
         if image is not None:
             try:
-                rows[n] = index[_image_key(image)]
+                rows[n] = index[image_source_key(image)]
             except KeyError:
                 raise KeyError(f"image {image} is not in the embedding index") from None
     return rows
@@ -521,7 +521,7 @@ def _rows_of(images: Sequence[ImageSource | None], index: dict[Any, int]) -> np.
 
 def _lookup(embeddings: Any, index: Mapping[ImageSource, int]) -> tuple[np.ndarray, dict[Any, int]]:
     matrix = _as_matrix(embeddings)
-    lookup = {_image_key(image): int(row) for image, row in index.items()}
+    lookup = {image_source_key(image): int(row) for image, row in index.items()}
     bad = [f"{image} -> {row}" for image, row in index.items() if not 0 <= row < len(matrix)]
     if bad:
         raise ValueError(f"index rows outside the {len(matrix)} embeddings: {_examples(bad)}")
