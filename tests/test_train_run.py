@@ -352,7 +352,7 @@ def test_config_file_then_flags(tmp_path):
     assert (config.lr, config.epochs, config.batch_size, config.nearid_folder) == (1e-3, 2, 64, ["data"])
     assert config.eval_groups == ["flux"] and config.temperature == 0.07 and config.alpha == 0.5
     yaml_file = tmp_path / "a.yaml"
-    yaml_file.write_text("out: runs/y\nmtg: [m.parquet]\nlr: 1\nmax_steps: 5\n")
+    yaml_file.write_text("out: runs/y\nmtg: [m.parquet]\nlr: 1\nmax-steps: 5\n")
     assert read_config_file(yaml_file) == {"out": "runs/y", "mtg": ["m.parquet"], "lr": 1.0, "max_steps": 5}
     defaults = TrainConfig()
     assert (defaults.lr, defaults.epochs, defaults.batch_size, defaults.weight_decay) == (1e-4, 11, 128, 0.01)
@@ -363,6 +363,7 @@ def test_config_file_then_flags(tmp_path):
     ("epochs = 1.5\n", "setting 'epochs' must be int"),
     ("hf = 'yes'\n", "setting 'hf' must be bool"),
     ("epochs = [\n", "a.toml"),
+    ("max_steps = 1\nmax-steps = 2\n", "given twice"),
 ])
 def test_bad_config_files_are_named(tmp_path, text, message):
     path = tmp_path / "a.toml"

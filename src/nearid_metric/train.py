@@ -48,6 +48,7 @@ from nearid_metric.scorer import _collate, _ImageDataset, pick_device
 
 logger = logging.getLogger(__name__)
 
+
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather along dim 0 (same shape on every rank); the backward sums every rank's
     gradient of the gathered tensor and returns this rank's slice (what DDP expects).
@@ -346,7 +347,10 @@ def check_config(config: TrainConfig) -> None:
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """A TOML (``.toml``) or YAML (``.yaml``/``.yml``) file of :class:`TrainConfig` keys, type-checked."""
+    """A TOML (``.toml``) or YAML (``.yaml``/``.yml``) file of :class:`TrainConfig` keys, type-checked.
+
+    Keys are the field names (``batch_size``) or the flag spelling (``batch-size``).
+    """
     path = Path(path)
     try:
         if path.suffix == ".toml":
@@ -356,7 +360,10 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
                 import tomli as tomllib
             values = tomllib.loads(path.read_text(encoding="utf-8"))
         elif path.suffix in (".yaml", ".yml"):
-            import yaml
+            try:
+                import yaml
+            except ImportError:
+                raise ValueError("YAML config files need PyYAML: pip install 'nearid-metric[train]'") from None
 
             values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         else:
@@ -367,7 +374,10 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path}: {type(e).__name__}: {e}") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of settings at the top level")
-    return {name: _typed(name, value, str(path)) for name, value in values.items()}
+    names = [name.replace("-", "_") for name in values]  # flag spelling (batch-size) allowed too
+    if len(set(names)) < len(names):
+        raise ValueError(f"{path}: a setting is given twice (with - and with _)")
+    return {name: _typed(name, value, str(path)) for name, value in zip(names, values.values())}
 
 
 def _typed(name: str, value: Any, source: str) -> Any:
