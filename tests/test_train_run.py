@@ -225,10 +225,15 @@ def test_cache_signature_separates_bases_and_precisions(tmp_path, siglip_base, c
     train(settings(siglip_base[0], identities, tmp_path / "a", cache_dir=str(cache), epochs=1))
     train(settings(checkpoint_dir, identities, tmp_path / "b", cache_dir=str(cache), epochs=1))
     train(settings(siglip_base[0], identities, tmp_path / "c", cache_dir=str(cache), epochs=1, precision="bf16"))
+    fp16 = train(settings(siglip_base[0], identities, tmp_path / "d", cache_dir=str(cache), epochs=1,
+                          precision="fp16"))
     signatures = [json.loads(p.read_text())["signature"] for p in cache.glob("*/meta.json")]
-    assert len(signatures) == 3
+    assert len(signatures) == 4
     assert len({s.split("|")[1] for s in signatures}) == 2  # two bases
-    assert sum("compute:bf16" in s for s in signatures) == 1
+    assert sum("compute:bf16" in s for s in signatures) == sum("compute:fp16" in s for s in signatures) == 1
+    losses = list(step_losses(tmp_path / "d").values())
+    assert fp16["finished"] and np.isfinite(losses).all()
+    np.testing.assert_allclose(losses, list(step_losses(tmp_path / "a").values()), rtol=2e-2)  # fp16 trunk only
 
 
 # --- stopping, killing and resuming -----------------------------------------------------------------------
@@ -374,8 +379,8 @@ def test_bad_config_files_are_named(tmp_path, text, message):
 
 def test_bad_settings_exit_2_with_a_message(tmp_path, capsys):
     with pytest.raises(SystemExit) as raised:
-        config_from_args(["--out", str(tmp_path), "--nearid-folder", "d", "--precision", "fp16"])
-    assert raised.value.code == 2 and "precision must be one of auto, fp32, bf16" in capsys.readouterr().err
+        config_from_args(["--out", str(tmp_path), "--nearid-folder", "d", "--precision", "fp64"])
+    assert raised.value.code == 2 and "precision must be one of auto, fp32, bf16, fp16" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         config_from_args(["--nearid-folder", "d"])
     assert "out: an output folder is required" in capsys.readouterr().err

@@ -228,7 +228,7 @@ def two_tier_infonce(
 
 CHECKPOINT_FORMAT = 1
 SLOTS = ("anchor", "positive_1", "positive_2", "negative_0", "negative_1", "negative_2")
-_AUTOCAST = ("auto", "fp32", "bf16")
+_AUTOCAST = ("auto", "fp32", "bf16", "fp16")
 _STORE_DTYPES = {"fp16": "float16", "fp32": "float32"}
 _EXPORT_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
@@ -238,7 +238,7 @@ class TrainConfig:
     """What ``nearid-train`` does. Config-file keys and ``--flags`` use these names (``_`` -> ``-``).
 
     Defaults are the paper's recipe (AdamW, lr 1e-4, 11 epochs, global batch 128, T 0.07,
-    alpha 0.5, bf16 autocast on GPUs). Data fields are those of ``nearid-bench``.
+    alpha 0.5, mixed precision on GPUs). Data fields are those of ``nearid-bench``.
     """
 
     out: str | None = None
@@ -303,7 +303,8 @@ _HELP = {
     "temperature": "InfoNCE temperature",
     "alpha": "weight of tier 2",
     "seed": "seed of the sample order",
-    "precision": "autocast: auto (bf16 on CUDA with bf16 support, else fp32), fp32 or bf16",
+    "precision": "autocast: auto (CUDA: bf16 where supported, else fp16 for the trunk; CPU: fp32), fp32, bf16 or "
+                 "fp16 (trunk only: the head then trains in fp32)",
     "device": "torch device (default: cuda if available; cuda:LOCAL_RANK under torchrun)",
     "cache_dir": "feature cache folder: the trunk's tokens of each image are computed once and stored there",
     "cache_dtype": "feature cache storage: fp16 (default) or fp32",
@@ -568,28 +569,34 @@ class _Model:
     trunk: torch.nn.Module
     head: torch.nn.Module
     device: torch.device
-    autocast: torch.dtype | None  # None: float32
+    autocast: torch.dtype | None  # the trunk's autocast dtype; None: float32
     table: torch.Tensor  # uint8 -> normalised value, per channel (on device)
 
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None)
+    def _autocast(self, dtype: torch.dtype | None):
+        return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+    @property
+    def head_autocast(self) -> torch.dtype | None:
+        """bf16 when the trunk runs in bf16; with fp16 the head trains in fp32 (no loss scaling needed)."""
+        return self.autocast if self.autocast == torch.bfloat16 else None
 
     @torch.no_grad()
     def tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 pixels [U, 3, H, W] -> the trunk's final post-LayerNorm tokens [U, T, D]."""
         pixels = normalize_uint8(pixels.to(self.device, non_blocking=True), self.table)
-        with self._autocast():
+        with self._autocast(self.autocast):
             return self.trunk.forward_features(pixels)
 
     def embed(self, item: dict[str, Any]) -> torch.Tensor:
         """A batch's ``pixels`` or cached ``tokens`` -> head outputs [U, D] float32 (not normalised)."""
         if "tokens" in item:
-            tokens = item["tokens"].to(self.device, non_blocking=True).float()
+            tokens = item["tokens"].to(self.device, non_blocking=True)
         else:
             tokens = self.tokens(item["pixels"])
+        tokens = tokens.float()  # cached or not, the head sees the same values
         if tokens.shape[0] == 0:
             return torch.zeros((0, self.trunk.num_features), device=self.device)
-        with self._autocast():
+        with self._autocast(self.head_autocast):
             return self.head(tokens).float()
 
 
@@ -621,13 +628,16 @@ def _average_gradients(parameters: Sequence[torch.nn.Parameter], world: int) -> 
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return None
+    """The trunk's autocast dtype for ``precision`` on ``device``; None = float32."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def _precision_name(autocast: torch.dtype | None) -> str:
-    return "bf16" if autocast == torch.bfloat16 else "fp32"
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast]
 
 
 # --- features and evaluation -----------------------------------------------------------------------
