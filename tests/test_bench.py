@@ -187,10 +187,12 @@ def test_nearid_similarities_equal_score_and_table_equals_protocol(layout, tmp_p
 
     # stdout: percent with 2 decimals, one line per model x group
     lines = captured.out.splitlines()
-    assert lines[0].split() == ["model", "group", "SSR", "PA", "H", "n_samples", "n_excluded"]
+    assert lines[0].split() == ["model", "group", "SSR", "SSR_CI95", "PA", "PA_CI95", "H", "n_samples", "n_excluded"]
     all_row = table["rows"][2]
-    assert lines[3].split() == ["nearid", "all", f"{all_row['SSR']:.2f}", f"{all_row['PA']:.2f}",
-                                f"{all_row['H']:.2f}", "5", "1"]
+    assert lines[3].split() == ["nearid", "all", f"{all_row['SSR']:.2f}",
+                                f"[{all_row['SSR_ci_low']:.2f},{all_row['SSR_ci_high']:.2f}]", f"{all_row['PA']:.2f}",
+                                f"[{all_row['PA_ci_low']:.2f},{all_row['PA_ci_high']:.2f}]", f"{all_row['H']:.2f}",
+                                "5", "1"]
     assert f"nearid: signature {scorer.signature}" in captured.out
 
 
@@ -485,8 +487,9 @@ def test_mtg_end_to_end_with_oracles_and_from_csv(tmp_path, checkpoint_dir, scor
     assert "empty file" in reasons["image_2_inpainted"] and "not an image" in reasons["image_1_part_mask"]
     assert "id=m3/image_1_part_mask" in captured.err
     header = captured.out.splitlines()[0].split()
-    assert header == ["model", "group", "SSR", "PA", "H", "MO", "MO_strict", "n_samples", "n_excluded"]
-    assert captured.out.splitlines()[2].split()[5] == f"{want['MO']:.3f}"
+    assert header == ["model", "group", "SSR", "SSR_CI95", "PA", "PA_CI95", "H", "MO", "MO_strict", "n_samples",
+                      "n_excluded"]
+    assert captured.out.splitlines()[2].split()[7] == f"{want['MO']:.3f}"
 
     again = tmp_path / "again"
     assert run_bench("--from-csv", out / "similarities.csv", "--out", again) == 0

@@ -3,8 +3,9 @@
 A run reads benchmark samples (:mod:`nearid_metric.data`), embeds every distinct image once with
 all models in one pass (:func:`nearid_metric.scorer.embed_images`), writes one row of similarity
 columns per model and sample, and scores them with :mod:`nearid_metric.protocol`, per model x
-group plus one pooled row per model. ``--from-csv`` redoes the last step from saved similarity
-columns (e.g. a VLM judge's), without any model. Formats and decisions: ``docs/protocol.md``,
+group plus one pooled row per model, with 95% bootstrap intervals of SSR and PA (samples
+resampled; the pooled row resamples each group on its own). ``--from-csv`` redoes the last step
+from saved similarity columns (e.g. a VLM judge's), without any model. Formats and decisions: ``docs/protocol.md``,
 section "Running the benchmark".
 
 A similarity table is a dict of equally long columns: ``id, group, model, signature`` (object
@@ -31,7 +32,7 @@ import numpy as np
 from nearid_metric import data
 from nearid_metric._console import stderr_logging
 from nearid_metric._version import __version__
-from nearid_metric.cli import EXIT_NOTHING_SCORED, EXIT_OK, add_model_arguments, load_scorers
+from nearid_metric.cli import EXIT_NOTHING_SCORED, EXIT_OK, add_ci_arguments, add_model_arguments, load_scorers
 from nearid_metric.data import MTGSample, NearIDSample, mtg_similarities, nearid_similarities, unique_images
 from nearid_metric.protocol import (
     MTG_ALIGNMENT,
@@ -40,8 +41,10 @@ from nearid_metric.protocol import (
     pool_groups,
     score_mtg_samples,
     score_nearid_groups,
+    score_nearid_samples,
 )
 from nearid_metric.scorer import Scorer, embed_images
+from nearid_metric.stats import BOOTSTRAP_RESAMPLES, CI_LEVEL, bootstrap_ratio_ci
 
 logger = logging.getLogger("nearid_metric")
 
@@ -59,7 +62,10 @@ ORACLE_COLUMNS = ("oracle_1", "oracle_2")
 NEARID_REQUIRED = tuple(dict.fromkeys(name for _, sim, cross in NEARID_TERMS for name in (sim, cross)))
 """The columns NearID rates use: ``sim_01, cross_00, cross_11, sim_02, cross_22, sim_12``."""
 
-RATES = ("SSR", "PA", "H", "SSR_mean", "PA_terms", "H_mean")
+CI_RATES = ("SSR", "PA")
+"""The rates that get a bootstrap interval, as columns ``<rate>_ci_low`` and ``<rate>_ci_high`` after the rate."""
+
+RATES = ("SSR", "SSR_ci_low", "SSR_ci_high", "PA", "PA_ci_low", "PA_ci_high", "H", "SSR_mean", "PA_terms", "H_mean")
 COUNTS = ("n_samples", "n_terms", "n_trials", "n_excluded")
 CORRELATIONS = ("MO", "MO_strict", *(key for key, _, _ in MTG_ALIGNMENT))
 NEARID_TABLE = ("model", "group", "signature", *RATES, *COUNTS)
@@ -125,7 +131,8 @@ def _similarity_table(samples: Sequence[NearIDSample | MTGSample], scorers: Mapp
 # --- tables of results ----------------------------------------------------------------------------
 
 
-def nearid_results(table: Mapping[str, Any]) -> list[dict[str, Any]]:
+def nearid_results(table: Mapping[str, Any], *, ci_resamples: int | None = BOOTSTRAP_RESAMPLES,
+                   ci_seed: int = 0) -> list[dict[str, Any]]:
     """SSR / PA / H rows per model x group, then a pooled row (group ``"all"``) per model.
 
     ``table``: ``model``, ``group``, optionally ``signature`` (one per model), and NearID
@@ -133,27 +140,84 @@ def nearid_results(table: Mapping[str, Any]) -> list[dict[str, Any]]:
     from :func:`~nearid_metric.protocol.score_nearid_groups`, the pooled rows from
     :func:`~nearid_metric.protocol.pool_groups` (weighted by the counts, the same as scoring the
     union). Models in order of first appearance, groups sorted. Keys: :data:`NEARID_TABLE`.
+    ``SSR_ci_low`` ... ``PA_ci_high``: 95% percentile bootstrap intervals (:func:`rate_cis`,
+    ``ci_resamples`` resamples, seed ``ci_seed``; ``ci_resamples=None``: NaN).
     """
     signatures = _signatures(table)
     groups = score_nearid_groups(table, by=("model", "group"))
     pooled = {row["model"]: row for row in pool_groups(groups, by="model")}
+    models, labels = (np.asarray(table[name], dtype=object) for name in ("model", "group"))
+    protocol_logger = logging.getLogger(score_nearid_samples.__module__)
+    level = protocol_logger.level
+    protocol_logger.setLevel(logging.WARNING)  # absent columns were just reported by score_nearid_groups
+    try:
+        per_row = score_nearid_samples({name: table[name] for name in NEARID_REQUIRED if name in table},
+                                       per_sample=True)
+    finally:
+        protocol_logger.setLevel(level)
+
     rows = []
     for model, signature in signatures.items():
+        mine = {row["group"]: rate_units(per_row, (models == model) & (labels == row["group"]))
+                for row in groups if row["model"] == model}
         for row in groups:
             if row["model"] == model:
-                rows.append(_result_row(model, row["group"], signature, row, NEARID_TABLE))
-        rows.append(_result_row(model, ALL, signature, pooled[model], NEARID_TABLE))
+                cis = rate_cis({row["group"]: mine[row["group"]]}, ci_resamples, ci_seed)
+                rows.append(_result_row(model, row["group"], signature, row | cis, NEARID_TABLE))
+        cis = rate_cis(mine, ci_resamples, ci_seed)
+        rows.append(_result_row(model, ALL, signature, pooled[model] | cis, NEARID_TABLE))
     return rows
 
 
-def mtg_results(table: Mapping[str, Any]) -> list[dict[str, Any]]:
+def rate_units(scored: Mapping[str, Any], rows: np.ndarray | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per scored sample, the numerator (in percent) and denominator of SSR and PA.
+
+    ``scored``: a result with ``per_sample`` (``score_nearid_samples`` / ``score_mtg_samples``
+    with ``per_sample=True``); ``rows``: a boolean mask of the samples to take (default all).
+    SSR: 100 x (all valid terms win) over 1; PA: 100 x (term wins + mean win) over (valid terms
+    + 1). Summed over samples and divided, they give the rates; samples without a valid term
+    are left out.
+    """
+    per = scored["per_sample"]
+    valid = per["sample_valid"] if rows is None else per["sample_valid"] & np.asarray(rows, dtype=bool)
+    pa_wins = per["wins"].sum(axis=1) + per["sample_mean_win"]
+    return {"SSR": (100.0 * per["sample_win"][valid], np.ones(int(valid.sum()))),
+            "PA": (100.0 * pa_wins[valid], (per["valid"].sum(axis=1) + 1.0)[valid])}
+
+
+def rate_cis(units: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]], resamples: int | None,
+             seed: int) -> dict[str, float]:
+    """``SSR_ci_low, SSR_ci_high, PA_ci_low, PA_ci_high``: bootstrap intervals over the samples of some groups.
+
+    ``units``: group -> :func:`rate_units`. One group: its samples are resampled. Several (a
+    pooled row): each group's samples are resampled on their own, group sizes kept, and the
+    resampled counts are pooled, as :func:`~nearid_metric.protocol.pool_groups` pools.
+    ``resamples=None``: NaN. See :func:`nearid_metric.stats.bootstrap_ratio_ci`.
+    """
+    out = {}
+    for rate in CI_RATES:
+        parts = {group: per_rate[rate] for group, per_rate in units.items()}
+        numerators = np.concatenate([num for num, _ in parts.values()]) if parts else np.zeros(0)
+        denominators = np.concatenate([den for _, den in parts.values()]) if parts else np.zeros(0)
+        strata = [group for group, (num, _) in parts.items() for _ in range(len(num))]
+        low = high = math.nan
+        if resamples is not None:
+            low, high = bootstrap_ratio_ci(numerators, denominators, strata=strata if len(parts) > 1 else None,
+                                           resamples=resamples, seed=seed, level=CI_LEVEL)
+        out[f"{rate}_ci_low"], out[f"{rate}_ci_high"] = low, high
+    return out
+
+
+def mtg_results(table: Mapping[str, Any], *, ci_resamples: int | None = BOOTSTRAP_RESAMPLES,
+                ci_seed: int = 0) -> list[dict[str, Any]]:
     """MTG rows per model x group, then one row over all the model's samples (group ``"all"``).
 
     ``table``: ``model``, ``group``, optionally ``signature``, the five MTG similarity columns and
     optionally ``oracle_1, oracle_2`` (absent: correlations and MO are NaN). Each row is
     :func:`~nearid_metric.protocol.score_mtg_samples` over its samples; for the ``"all"`` row
     that is the union of the groups (correlations cannot be pooled from per-group values; the
-    rates equal the pooled ones). Keys: :data:`MTG_TABLE` plus ``undefined_r``.
+    rates equal the pooled ones). Keys: :data:`MTG_TABLE` plus ``undefined_r``. SSR and PA
+    intervals as in :func:`nearid_results` (the ``"all"`` row resamples each group on its own).
     """
     signatures = _signatures(table)
     models, groups = (np.asarray(table[name], dtype=object) for name in ("model", "group"))
@@ -164,14 +228,18 @@ def mtg_results(table: Mapping[str, Any]) -> list[dict[str, Any]]:
 
     def score(rows: np.ndarray) -> dict[str, Any]:
         return score_mtg_samples({name: np.asarray(table[name], dtype=np.float64)[rows] for name in MTG_COLUMNS},
-                                 oracles[0][rows], oracles[1][rows])
+                                 oracles[0][rows], oracles[1][rows], per_sample=True)
 
     out = []
     for model, signature in signatures.items():
         mine = models == model
+        units = {}
         for group in sorted(set(groups[mine].tolist())):
-            out.append(_result_row(model, group, signature, score(mine & (groups == group)), MTG_TABLE))
-        out.append(_result_row(model, ALL, signature, score(mine), MTG_TABLE))
+            result = score(mine & (groups == group))
+            units[group] = rate_units(result)
+            cis = rate_cis({group: units[group]}, ci_resamples, ci_seed)
+            out.append(_result_row(model, group, signature, result | cis, MTG_TABLE))
+        out.append(_result_row(model, ALL, signature, score(mine) | rate_cis(units, ci_resamples, ci_seed), MTG_TABLE))
     return out
 
 
@@ -362,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="recompute the table from saved similarity CSVs (no model is loaded); a 'model' "
                              "column tells models apart (default: the file name)")
     add_model_arguments(parser)
+    add_ci_arguments(parser, groups=False)
     parser.set_defaults(model=None)  # None: not given (--from-csv refuses it); else defaults to nearid
     parser.add_argument("--out", type=Path,
                         help="folder for similarities.csv, table.csv, table.json and summary.json")
@@ -459,13 +528,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.from_csv:
             try:
                 benchmark, table = read_similarities(args.from_csv)
-                rows = _results(benchmark, table)
+                rows = _results(benchmark, table, args)
             except (OSError, ValueError) as e:
                 parser.error(str(e))
             summary = {"benchmark": benchmark, "version": __version__,
                        "from_csv": [str(p) for p in args.from_csv], "n_rows": len(table["model"]),
                        "models": {model: {"signature": signature} for model, signature in _signatures(table).items()},
-                       "failures": []}
+                       "ci": _ci_description(args), "failures": []}
             return report(args, rows, benchmark, summary, table=None, failures={})
         try:
             samples, sources = load_samples(args)
@@ -474,8 +543,18 @@ def main(argv: list[str] | None = None) -> int:
         return run(args, samples, sources, load_scorers(args, parser))
 
 
-def _results(benchmark: str, table: Mapping[str, Any]) -> list[dict[str, Any]]:
-    return mtg_results(table) if benchmark == "mtg" else nearid_results(table)
+def _results(benchmark: str, table: Mapping[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
+    resamples = None if args.ci == "none" else args.ci_resamples
+    results = mtg_results if benchmark == "mtg" else nearid_results
+    return results(table, ci_resamples=resamples, ci_seed=args.ci_seed)
+
+
+def _ci_description(args: argparse.Namespace) -> dict[str, Any] | None:
+    """How the SSR / PA intervals were computed (``summary.json``), None with ``--ci none``."""
+    if args.ci == "none":
+        return None
+    return {"method": "percentile bootstrap", "level": CI_LEVEL, "resamples": args.ci_resamples, "seed": args.ci_seed,
+            "unit": "sample", "pooled": "each group resampled on its own, counts pooled", "rates": list(CI_RATES)}
 
 
 def run(args: argparse.Namespace, samples: Sequence[NearIDSample | MTGSample], sources: list[dict[str, Any]],
@@ -501,9 +580,10 @@ def run(args: argparse.Namespace, samples: Sequence[NearIDSample | MTGSample], s
         "groups": {group: sum(s.group == group for s in samples) for group in _groups(samples)},
         "n_samples": len(samples),
         "n_images": n_images,
+        "ci": _ci_description(args),
         "failures": [{"image": image, "reason": reason} for image, reason in failures.items()],
     }
-    return report(args, _results(benchmark, table), benchmark, summary, table, failures)
+    return report(args, _results(benchmark, table, args), benchmark, summary, table, failures)
 
 
 def report(args: argparse.Namespace, rows: list[dict[str, Any]], benchmark: str, summary: dict[str, Any],
@@ -515,7 +595,9 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]], benchmark: str,
             write_similarities(args.out / "similarities.csv", table)
         write_results(args.out, rows, benchmark)
         _write_json(args.out / "summary.json", summary)
-    print(format_table(rows, benchmark))
+    print(format_table(rows, benchmark, ci=args.ci != "none"))
+    if args.ci != "none":
+        print(f"95% CI: percentile bootstrap over samples, {args.ci_resamples} resamples, seed {args.ci_seed}")
     for model, info in summary["models"].items():
         print(f"{model}: signature {info['signature'] or 'n/a'}")
     if not any(row["group"] == ALL and row["n_samples"] > 0 for row in rows):
@@ -524,17 +606,25 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]], benchmark: str,
     return EXIT_NOTHING_SCORED if args.strict and failures else EXIT_OK
 
 
-def format_table(rows: Sequence[Mapping[str, Any]], benchmark: str) -> str:
-    """The printed table: rates in percent with 2 decimals, correlations with 3, NaN as n/a."""
-    columns = ["model", "group", "SSR", "PA", "H", *(["MO", "MO_strict"] if benchmark == "mtg" else []),
+def format_table(rows: Sequence[Mapping[str, Any]], benchmark: str, *, ci: bool = True) -> str:
+    """The printed table: rates in percent with 2 decimals, correlations with 3, NaN as n/a.
+
+    ``ci``: a ``SSR_CI95`` / ``PA_CI95`` column after SSR / PA, ``[low,high]`` (no space, so the
+    table splits on whitespace).
+    """
+    rates = ["SSR", "SSR_CI95", "PA", "PA_CI95"] if ci else ["SSR", "PA"]
+    columns = ["model", "group", *rates, "H", *(["MO", "MO_strict"] if benchmark == "mtg" else []),
                "n_samples", "n_excluded"]
 
     def text(key: str, value: Any) -> str:
+        if key.endswith("_CI95"):
+            low, high = (value.get(f"{key[:-5]}_ci_{end}", math.nan) for end in ("low", "high"))
+            return "n/a" if low is None or math.isnan(low) else f"[{low:.2f},{high:.2f}]"
         if isinstance(value, float):
             return "n/a" if math.isnan(value) else f"{value:.3f}" if key in CORRELATIONS else f"{value:.2f}"
         return str(value)
 
-    cells = [columns] + [[text(key, row[key]) for key in columns] for row in rows]
+    cells = [columns] + [[text(key, row if key.endswith("_CI95") else row[key]) for key in columns] for row in rows]
     widths = [max(len(line[k]) for line in cells) for k in range(len(columns))]
     return "\n".join("  ".join(cell.ljust(w) if k < 2 else cell.rjust(w) for k, (cell, w) in
                                enumerate(zip(line, widths))).rstrip() for line in cells)

@@ -3,7 +3,8 @@
 Per-pair scores are kept (``metric.scores``), not only their mean. Under
 ``torch.distributed`` ``compute()`` gathers every rank's scores, so the result equals a
 single process scoring the union of the pairs: sums are exactly rounded (``math.fsum``),
-hence independent of how the pairs were split across ranks.
+and the bootstrap interval depends only on the set of scores, so neither depends on how the
+pairs were split across ranks.
 """
 
 from __future__ import annotations
@@ -16,18 +17,35 @@ import torch.distributed as dist
 
 from nearid_metric.scorer import Images, Scorer
 from nearid_metric.scorers import create_scorer
+from nearid_metric.stats import BOOTSTRAP_RESAMPLES, CI_LEVEL, bootstrap_ci
+
+CI_METHODS = ("bootstrap", None)
 
 
-def summarize_scores(scores: torch.Tensor) -> dict[str, float | int]:
+def summarize_scores(scores: torch.Tensor, *, ci: str | None = None, ci_resamples: int = BOOTSTRAP_RESAMPLES,
+                     ci_seed: int = 0) -> dict[str, float | int]:
     """``{"mean", "std", "n"}`` of per-pair scores [N]: exactly rounded mean, sample std (ddof=1).
 
-    ``mean`` is NaN for no scores, ``std`` NaN for fewer than 2.
+    ``mean`` is NaN for no scores, ``std`` NaN for fewer than 2. With ``ci="bootstrap"`` also
+    ``ci_low`` and ``ci_high``: the 95% percentile bootstrap interval of the mean over pairs
+    (:func:`nearid_metric.stats.bootstrap_ci`; ``ci_resamples`` resamples, ``ci_seed``), NaN for
+    fewer than 2 scores.
     """
+    check_ci(ci)
     values = scores.double().tolist()
     n = len(values)
     mean = math.fsum(values) / n if n else math.nan
     std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else math.nan
-    return {"mean": mean, "std": std, "n": n}
+    summary: dict[str, float | int] = {"mean": mean, "std": std, "n": n}
+    if ci is not None:
+        summary["ci_low"], summary["ci_high"] = bootstrap_ci(values, resamples=ci_resamples, seed=ci_seed,
+                                                             level=CI_LEVEL)
+    return summary
+
+
+def check_ci(ci: str | None) -> None:
+    if ci not in CI_METHODS:
+        raise ValueError(f"ci must be 'bootstrap' or None, got {ci!r}")
 
 
 def gather_scores(scores: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
@@ -53,7 +71,9 @@ class NearIDMetric:
     ``device``, ``precision``) or a ready :class:`~nearid_metric.scorer.Scorer`.
     ``update(refs, gens)`` scores aligned pairs (paths, PIL images or uint8 [N, 3, H, W]
     tensors) and returns their scores [N]; ``compute()`` summarises every pair seen so far,
-    across ranks. The scorer's model is never moved by the metric.
+    across ranks: ``mean``, ``std``, ``n`` and, unless ``ci=None``, the 95% bootstrap interval
+    of the mean ``ci_low``, ``ci_high`` (``ci_resamples`` resamples of the pairs, ``ci_seed``).
+    The scorer's model is never moved by the metric.
     """
 
     higher_is_better = True
@@ -67,7 +87,11 @@ class NearIDMetric:
         precision: str = "fp32",
         batch_size: int | None = None,
         process_group: dist.ProcessGroup | None = None,
+        ci: str | None = "bootstrap",
+        ci_resamples: int = BOOTSTRAP_RESAMPLES,
+        ci_seed: int = 0,
     ):
+        check_ci(ci)
         if isinstance(scorer, Scorer):
             if pretrained is not None or device is not None:
                 raise ValueError("pretrained/device apply when the scorer is given by name, not to a built scorer")
@@ -76,6 +100,7 @@ class NearIDMetric:
             self.scorer = create_scorer(scorer, pretrained=pretrained, device=device, precision=precision)
         self.batch_size = batch_size
         self.process_group = process_group
+        self.ci, self.ci_resamples, self.ci_seed = ci, ci_resamples, ci_seed
         self._scores: list[torch.Tensor] = []
 
     def update(self, refs: Images, gens: Images) -> torch.Tensor:
@@ -90,8 +115,9 @@ class NearIDMetric:
         return torch.cat(self._scores) if self._scores else torch.zeros(0, dtype=torch.float64)
 
     def compute(self) -> dict[str, float | int]:
-        """``{"mean", "std", "n"}`` over all pairs of all ranks (a collective call under torch.distributed)."""
-        return summarize_scores(gather_scores(self.scores, self.process_group))
+        """``{"mean", "std", "n", "ci_low", "ci_high"}`` over all pairs of all ranks (collective when distributed)."""
+        return summarize_scores(gather_scores(self.scores, self.process_group), ci=self.ci,
+                                ci_resamples=self.ci_resamples, ci_seed=self.ci_seed)
 
     def reset(self) -> None:
         self._scores = []

@@ -18,13 +18,18 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError('NearIDTorchMetric needs torchmetrics: pip install "nearid-metric[torchmetrics]"') from e
 
-from nearid_metric.metric import summarize_scores
+from nearid_metric.metric import check_ci, summarize_scores
 from nearid_metric.scorer import Images, Scorer
 from nearid_metric.scorers import create_scorer
+from nearid_metric.stats import BOOTSTRAP_RESAMPLES
 
 
 class NearIDTorchMetric(Metric):
-    """torchmetrics wrapper: ``update(refs, gens)``, ``compute() -> {"mean", "std", "n"}`` (tensors), ``reset()``."""
+    """torchmetrics wrapper: ``update(refs, gens)``, ``compute()``, ``reset()``.
+
+    ``compute()`` returns float64 tensors ``mean``, ``std``, ``n`` and (unless ``ci=None``)
+    ``ci_low``, ``ci_high``, as :meth:`nearid_metric.NearIDMetric.compute`.
+    """
 
     higher_is_better = True
     is_differentiable = False
@@ -32,8 +37,10 @@ class NearIDTorchMetric(Metric):
 
     def __init__(self, scorer: str | Scorer = "nearid", *, pretrained: str | os.PathLike | None = None,
                  device: str | torch.device | None = None, precision: str = "fp32", batch_size: int | None = None,
-                 **kwargs):
+                 ci: str | None = "bootstrap", ci_resamples: int = BOOTSTRAP_RESAMPLES, ci_seed: int = 0, **kwargs):
         super().__init__(**kwargs)
+        check_ci(ci)
+        self.ci, self.ci_resamples, self.ci_seed = ci, ci_resamples, ci_seed
         built = scorer if isinstance(scorer, Scorer) else create_scorer(scorer, pretrained=pretrained, device=device,
                                                                           precision=precision)
         object.__setattr__(self, "scorer", built)  # not registered as a submodule
@@ -47,7 +54,6 @@ class NearIDTorchMetric(Metric):
         scores = self.scores  # a list locally, one tensor once synced across ranks
         if isinstance(scores, list):
             scores = dim_zero_cat(scores) if scores else torch.zeros(0, dtype=torch.float64)
-        summary = summarize_scores(scores.cpu())
-        return {"mean": torch.tensor(summary["mean"], dtype=torch.float64),
-                "std": torch.tensor(summary["std"], dtype=torch.float64),
-                "n": torch.tensor(summary["n"])}
+        summary = summarize_scores(scores.cpu(), ci=self.ci, ci_resamples=self.ci_resamples, ci_seed=self.ci_seed)
+        return {key: torch.tensor(value) if key == "n" else torch.tensor(value, dtype=torch.float64)
+                for key, value in summary.items()}

@@ -1,0 +1,376 @@
+"""The HTML report of a ``nearid-score`` run (``--report FILE``): one self-contained, static page.
+
+Everything is inside the one file: plots (matplotlib, optional extra ``report``) and image
+thumbnails (PIL, at most :data:`THUMBNAIL_PX` px, JPEG) are ``data:`` URIs, the style sheet is
+inline, and there is no JavaScript and no reference to anything outside the file, so it opens
+offline, in a mail attachment or a CI artifact viewer. Every file name and text from the run is
+HTML-escaped. How to read it: ``docs/report.md``.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from nearid_metric._version import __version__
+from nearid_metric.images import ImageLoadError, load_image
+from nearid_metric.stats import pearson
+
+THUMBNAIL_PX = 128
+"""Longest side of a thumbnail, in pixels."""
+
+EXTREMES = 8
+"""Lowest- and highest-scoring pairs shown per model."""
+
+HISTOGRAM_SIZE = (5.6, 3.0)
+SCATTER_SIZE = (4.4, 3.6)
+"""Plot sizes in inches (shown at 100 px per inch)."""
+
+LISTED = 500
+"""At most this many entries of each problem list (failed, unmatched, ...); the rest are counted."""
+
+_STYLE = """
+body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; color: #1d2330;
+       margin: 0 auto; padding: 24px 32px 48px; max-width: 1180px; background: #fff; }
+h1 { font-size: 26px; margin: 0 0 4px; } h2 { font-size: 20px; margin: 34px 0 10px; border-bottom: 2px solid #e3e7ef;
+     padding-bottom: 4px; } h3 { font-size: 16px; margin: 22px 0 8px; }
+.muted { color: #5b6473; } code, .mono { font-family: ui-monospace, "DejaVu Sans Mono", Menlo, monospace;
+       font-size: 13px; overflow-wrap: anywhere; }
+table { border-collapse: collapse; margin: 6px 0 12px; } th, td { padding: 5px 10px; text-align: left;
+       vertical-align: top; border-bottom: 1px solid #e3e7ef; } th { background: #f4f6fa; font-weight: 600; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+dl.counts { display: grid; grid-template-columns: repeat(6, auto); gap: 4px 18px; margin: 12px 0; width: max-content; }
+dl.counts dt { color: #5b6473; font-size: 13px; } dl.counts dd { margin: 0; font-size: 20px; font-weight: 600; }
+.plots { display: flex; flex-wrap: wrap; gap: 12px; } figure { margin: 0; } figcaption { font-size: 13px;
+       color: #5b6473; }
+.pairs td, .pairs th { padding: 4px 7px; } .pairs th { font-size: 13px; }
+.pairs .head { max-width: 84px; overflow-wrap: anywhere; white-space: normal; margin-left: auto; }
+.pairs td.img { width: 106px; } .pairs img { display: block; border: 1px solid #d5dae3; background: #f4f6fa;
+       max-width: 104px; height: auto; }
+.pairs .name { font-size: 12px; color: #5b6473; max-width: 106px; overflow-wrap: anywhere; }
+.pairs td.score { font-size: 17px; font-weight: 600; } .side { display: flex; flex-wrap: wrap; gap: 10px 28px; }
+.cite { background: #f4f6fa; border-left: 4px solid #3b6fd8; padding: 8px 12px; margin: 8px 0; }
+.bad { color: #a4262c; } .ok { color: #2b7a3d; } ul.files { margin: 4px 0; padding-left: 22px; }
+"""
+
+
+def require_matplotlib() -> None:
+    """Raise ImportError naming the ``report`` extra when matplotlib is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ImportError('the HTML report needs matplotlib: pip install "nearid-metric[report]"') from None
+
+
+def write_report(path: str | os.PathLike, pairs: Sequence[tuple[str, str]], scores: Mapping[str, np.ndarray],
+                 summary: Mapping[str, Any], *, extremes: int = EXTREMES) -> None:
+    """Write :func:`render_report` to ``path`` (UTF-8; the folder is created)."""
+    text = render_report(pairs, scores, summary, extremes=extremes)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
+def render_report(pairs: Sequence[tuple[str, str]], scores: Mapping[str, np.ndarray], summary: Mapping[str, Any],
+                  *, extremes: int = EXTREMES) -> str:
+    """The report page as a string.
+
+    ``pairs``: the scored (reference, generation) paths; ``scores``: model column -> [N] scores
+    aligned with ``pairs``; ``summary``: the ``summary.json`` content of the run (per-model
+    statistics, signature and interval, failures, unmatched files). Needs matplotlib.
+    """
+    require_matplotlib()
+    thumbs = _Thumbnails()
+    values = {model: np.asarray(v, dtype=np.float64) for model, v in scores.items()}
+    ref_root, gen_root = summary.get("ref", ""), summary.get("gen", "")
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>nearid-score report: {_e(ref_root)} vs {_e(gen_root)}</title>",
+        f"<style>{_STYLE}</style></head><body>",
+        "<h1>nearid-score report</h1>",
+        f'<p class="muted">references <span class="mono">{_e(ref_root)}</span>, generations '
+        f'<span class="mono">{_e(gen_root)}</span>, pairing <b>{_e(summary.get("pairing", "?"))}</b>; '
+        f"nearid-metric {_e(__version__)}. Scores are cosine similarities in [-1, 1]; higher means the "
+        f"identity of the reference object is better kept.</p>",
+        _counts(summary),
+        _summary_section(values, summary),
+        _distribution_section(values, summary),
+        _extremes_section(pairs, values, ref_root, gen_root, thumbs, extremes),
+        _problems_section(summary),
+        '<p class="muted">Static page: no scripts, no external resources. How to read it: docs/report.md of '
+        "nearid-metric.</p>",
+        "</body></html>",
+    ]
+    return "\n".join(part for part in parts if part) + "\n"
+
+
+# --- sections ------------------------------------------------------------------------------------
+
+
+def _counts(summary: Mapping[str, Any]) -> str:
+    unmatched = summary.get("unmatched", {})
+    items = [("pairs-total", "pairs", summary.get("pairs_total", 0)),
+             ("pairs-scored", "scored", summary.get("pairs_scored", 0)),
+             ("pairs-skipped", "skipped", summary.get("pairs_skipped", 0)),
+             ("failed-files", "failed files", len(summary.get("failures", []))),
+             ("unmatched-ref", "unmatched refs", len(unmatched.get("ref", []))),
+             ("unmatched-gen", "unmatched gens", len(unmatched.get("gen", [])))]
+    cells = "".join(f"<dt>{label}</dt>" for _, label, _ in items)
+    cells += "".join(f'<dd id="{key}">{int(value)}</dd>' for key, _, value in items)
+    problems = any(value for key, _, value in items[3:]) or summary.get("ambiguous")
+    link = '<p><a href="#problems">Failed and unmatched files are listed at the end.</a></p>' if problems else ""
+    return f'<dl class="counts">{cells}</dl>{link}'
+
+
+def _summary_section(values: Mapping[str, np.ndarray], summary: Mapping[str, Any]) -> str:
+    models = summary.get("models", {})
+    head = ("<tr><th>model</th>" + "".join(f'<th class="num">{k}</th>' for k in
+            ("n", "mean", "95% CI", "std", "median", "min", "max")) + "<th>signature</th></tr>")
+    rows, cites = [], []
+    for model in values:
+        info = models.get(model, {})
+        cells = [_number(info.get(key), 4) for key in ("mean",)] + [_interval(info.get("ci95"), 4)]
+        cells += [_number(info.get(key), 4) for key in ("std", "median", "min", "max")]
+        rows.append(f'<tr data-model="{_e(model)}"><td><b>{_e(model)}</b></td>'
+                    f'<td class="num" data-key="count">{int(info.get("count", len(values[model])))}</td>'
+                    + "".join(f'<td class="num">{cell}</td>' for cell in cells)
+                    + f'<td class="mono">{_e(info.get("signature", ""))}</td></tr>')
+        cites.append(f'<div class="cite">{_e(citation(model, info))}</div>')
+    ci = next((models[m].get("ci") for m in values if m in models), None)
+    return "\n".join([
+        "<h2>Summary</h2>",
+        f"<table>{head}{''.join(rows)}</table>",
+        f'<p class="muted">{_e(describe_ci(ci))}. std is the spread of the pair scores (ddof 1)'
+        + ("; the interval is the uncertainty of the mean.</p>" if ci else ".</p>"),
+        "<h3>How to cite</h3>", *cites,
+    ])
+
+
+def citation(model: str, info: Mapping[str, Any]) -> str:
+    """One line that quotes a model's mean with its interval, count, method and signature."""
+    mean = info.get("mean")
+    if mean is None:
+        return f"{model}: nothing scored"
+    ci, ci95 = info.get("ci"), info.get("ci95")
+    interval = ""
+    if ci95:
+        interval = (f", 95% CI [{ci95[0]:.4f}, {ci95[1]:.4f}] (percentile bootstrap over {_units(ci['unit'])}, "
+                    f"{ci['resamples']} resamples, seed {ci['seed']})")
+    return f"{model} = {mean:.4f}{interval}, n = {info.get('count')} pairs; signature {info.get('signature', '')}"
+
+
+def _distribution_section(values: Mapping[str, np.ndarray], summary: Mapping[str, Any]) -> str:
+    models = summary.get("models", {})
+    scored = {model: v for model, v in values.items() if len(v)}
+    if not scored:
+        return "<h2>Distribution</h2><p>Nothing was scored.</p>"
+    figures = []
+    for model, v in scored.items():
+        info = models.get(model, {})
+        ci95 = info.get("ci95")
+        caption = (f"{model}: {len(v)} pair scores; line: mean {v.mean():.4f}"
+                   + (f"; band: 95% CI [{ci95[0]:.4f}, {ci95[1]:.4f}]" if ci95 else ""))
+        figures.append(_figure(_histogram(model, v, ci95), HISTOGRAM_SIZE, f"histogram of {model} scores", caption))
+    parts = ["<h2>Distribution</h2>", f'<div class="plots">{"".join(figures)}</div>']
+    names = list(scored)
+    if len(names) > 1:
+        scatters = []
+        for other in names[1:]:
+            x, y = scored[names[0]], scored[other]
+            r = pearson(x, y) if len(x) > 1 else math.nan
+            caption = f"one point per pair; Pearson r = {'n/a' if math.isnan(r) else f'{r:.3f}'}"
+            scatters.append(_figure(_scatter(names[0], x, other, y), SCATTER_SIZE, f"{other} against {names[0]}",
+                                    caption))
+        parts += ["<h3>Models against each other</h3>", f'<div class="plots">{"".join(scatters)}</div>']
+    return "\n".join(parts)
+
+
+def _extremes_section(pairs: Sequence[tuple[str, str]], values: Mapping[str, np.ndarray], ref_root: str,
+                      gen_root: str, thumbs: _Thumbnails, extremes: int) -> str:
+    if not pairs:
+        return ""
+    parts = ["<h2>Lowest- and highest-scoring pairs</h2>"]
+    for model, v in values.items():
+        order = np.argsort(v, kind="stable")
+        if len(v) <= 2 * extremes:
+            tables = [(f"{model}: all {len(v)} pairs, lowest first", order)]
+        else:
+            tables = [(f"{model}: lowest {extremes}", order[:extremes]),
+                      (f"{model}: highest {extremes}", order[::-1][:extremes])]
+        blocks = []
+        for title, rows in tables:
+            body = "".join(_pair_row(rank, int(i), pairs, values, model, ref_root, gen_root, thumbs)
+                           for rank, i in enumerate(rows, start=1))
+            heads = "".join(f'<th class="num"><div class="head">{_e(m)}</div></th>'
+                            for m in [model, *(m for m in values if m != model)])
+            blocks.append(f'<div><h3>{_e(title)}</h3><table class="pairs"><tr><th>#</th><th>reference</th>'
+                          f"<th>generation</th>{heads}</tr>{body}</table></div>")
+        parts.append(f'<div class="side">{"".join(blocks)}</div>')
+    return "\n".join(parts)
+
+
+def _pair_row(rank: int, i: int, pairs: Sequence[tuple[str, str]], values: Mapping[str, np.ndarray], model: str,
+              ref_root: str, gen_root: str, thumbs: _Thumbnails) -> str:
+    ref, gen = pairs[i]
+    cells = [f"<td>{rank}</td>", _image_cell(ref, ref_root, thumbs), _image_cell(gen, gen_root, thumbs),
+             f'<td class="num score">{values[model][i]:.4f}</td>']
+    cells += [f'<td class="num">{v[i]:.4f}</td>' for m, v in values.items() if m != model]
+    return f"<tr>{''.join(cells)}</tr>"
+
+
+def _image_cell(path: str, root: str, thumbs: _Thumbnails) -> str:
+    name = _relative(path, root)
+    uri = thumbs.get(path)
+    image = (f'<img src="{uri[0]}" width="{uri[1]}" height="{uri[2]}" alt="{_e(name)}">' if uri
+             else '<span class="bad">(unreadable now)</span>')
+    return f'<td class="img">{image}<div class="name">{_e(name)}</div></td>'
+
+
+def _problems_section(summary: Mapping[str, Any]) -> str:
+    failures = summary.get("failures", [])
+    unmatched = summary.get("unmatched", {})
+    parts = ['<h2 id="problems">Failed and unmatched files</h2>']
+    if failures:
+        rows = "".join(f"<tr><td class=\"mono\">{_e(f['path'])}</td><td>{_e(f['reason'])}</td></tr>"
+                       for f in failures[:LISTED])
+        parts.append(f'<h3 class="bad">Failed files ({len(failures)}): not scored</h3>'
+                     f'<table id="failures"><tr><th>file</th><th>reason</th></tr>{rows}</table>{_more(failures)}')
+    lists = [("unmatched-ref-list", "Unmatched references", unmatched.get("ref", [])),
+             ("unmatched-gen-list", "Unmatched generations", unmatched.get("gen", [])),
+             ("ambiguous-list", "Ambiguous names", summary.get("ambiguous", [])),
+             ("ignored-list", "Ignored files (not images)", summary.get("ignored_files", []))]
+    for key, title, items in lists:
+        if items:
+            entries = "".join(f'<li class="mono">{_e(item)}</li>' for item in items[:LISTED])
+            parts.append(f'<h3>{title} ({len(items)})</h3><ul class="files" id="{key}">{entries}</ul>{_more(items)}')
+    if len(parts) == 1:
+        parts.append('<p class="ok">None: every file was read and paired.</p>')
+    return "\n".join(parts)
+
+
+# --- plots and images ------------------------------------------------------------------------------
+
+
+def _histogram(model: str, v: np.ndarray, ci95: Sequence[float] | None) -> str:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=HISTOGRAM_SIZE)
+    ax = fig.add_subplot()
+    bins = np.histogram_bin_edges(v, bins="auto")
+    ax.hist(v, bins=bins if len(bins) <= 61 else 60, color="#8fb1e9", edgecolor="#3b6fd8", linewidth=0.6)
+    if ci95:
+        ax.axvspan(ci95[0], ci95[1], color="#f0a23b", alpha=0.35, label=f"95% CI [{ci95[0]:.3f}, {ci95[1]:.3f}]")
+    ax.axvline(float(v.mean()), color="#c0392b", linewidth=1.6, label=f"mean {v.mean():.3f}")
+    ax.set_xlabel(f"{model} score (cosine)")
+    ax.set_ylabel("pairs")
+    ax.legend(fontsize=8, frameon=False, loc="upper left")
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _scatter(x_name: str, x: np.ndarray, y_name: str, y: np.ndarray) -> str:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=SCATTER_SIZE)
+    ax = fig.add_subplot()
+    ax.scatter(x, y, s=10 if len(x) < 2000 else 3, alpha=0.6 if len(x) < 2000 else 0.3, color="#3b6fd8",
+               linewidths=0)
+    ax.set_xlabel(f"{x_name} score")
+    ax.set_ylabel(f"{y_name} score")
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _png(fig: Any) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=150, metadata={"Software": None})
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _figure(uri: str, size: tuple[float, float], alt: str, caption: str) -> str:
+    """A plot shown at 100 px per inch of its figure size (the PNG has 1.5x that, for sharp text)."""
+    width, height = (round(100 * inches) for inches in size)
+    return (f'<figure style="max-width: {width}px"><img src="{uri}" width="{width}" height="{height}" alt="{_e(alt)}" '
+            f'style="max-width: 100%; height: auto"><figcaption>{_e(caption)}</figcaption></figure>')
+
+
+class _Thumbnails:
+    """``path -> (data URI, width, height)`` of a JPEG thumbnail, each file encoded once; None if unreadable."""
+
+    def __init__(self) -> None:
+        self._done: dict[str, tuple[str, int, int] | None] = {}
+
+    def get(self, path: str) -> tuple[str, int, int] | None:
+        if path not in self._done:
+            self._done[path] = self._encode(path)
+        return self._done[path]
+
+    @staticmethod
+    def _encode(path: str) -> tuple[str, int, int] | None:
+        try:
+            image = load_image(path)
+        except ImageLoadError:
+            return None
+        if image.mode in ("RGBA", "LA", "PA", "P") or "transparency" in image.info:
+            rgba = image.convert("RGBA")
+            image = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            image.alpha_composite(rgba)
+        image = image.convert("RGB")
+        image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX), Image.Resampling.LANCZOS)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=82)
+        return ("data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"),
+                image.width, image.height)
+
+
+# --- text ----------------------------------------------------------------------------------------
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _number(value: Any, digits: int) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _interval(ci95: Sequence[float] | None, digits: int) -> str:
+    return "n/a" if not ci95 else f"[{ci95[0]:.{digits}f}, {ci95[1]:.{digits}f}]"
+
+
+def describe_ci(info: Mapping[str, Any] | None) -> str:
+    """How an interval was computed, from a model's ``ci`` entry in ``summary.json`` (None: turned off)."""
+    if not info:
+        return "no confidence interval (--ci none)"
+    return (f"95% CI: percentile bootstrap of the mean over {info['n_units']} {_units(info['unit'])}, "
+            f"{info['resamples']} resamples, seed {info['seed']}")
+
+
+def _units(unit: str) -> str:
+    return {"pair": "pairs", "ref": "reference images"}.get(unit, f"groups of the manifest column '{unit}'")
+
+
+def _relative(path: str, root: str) -> str:
+    try:
+        relative = Path(path).relative_to(root)
+    except ValueError:
+        return str(path)
+    return str(path) if relative == Path(".") else relative.as_posix()
+
+
+def _more(items: Sequence[Any]) -> str:
+    extra = len(items) - LISTED
+    return f'<p class="muted">... and {extra} more (all in summary.json).</p>' if extra > 0 else ""

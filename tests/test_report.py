@@ -1,0 +1,194 @@
+"""``nearid-score --report``: the HTML file parsed (self-contained, counts, failed files) and shown in Chromium.
+
+The browser test takes a screenshot with the system's headless Chromium (Debian package
+``chromium``; ``.ci/run`` installs it) and is skipped, saying so, where no browser is installed.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_reference_model, random_image, write_checkpoint
+from PIL import Image
+
+from nearid_metric.cli import main
+
+pytest.importorskip("matplotlib", reason="the report needs the 'report' extra (matplotlib)")
+
+ODD_NAME = 'a&b <i>"odd"'  # a file name that must be escaped
+
+
+class Page(HTMLParser):
+    """Every tag with its attributes, the text under each id, and the text of the page."""
+
+    def __init__(self, text: str):
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict[str, str]]] = []
+        self.by_id: dict[str, str] = {}
+        self.text: list[str] = []
+        self._open_ids: list[tuple[str, str, int]] = []  # (id, tag, start index in text)
+        self.feed(text)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        attributes = {k: v or "" for k, v in attrs}
+        self.tags.append((tag, attributes))
+        if "id" in attributes:
+            self._open_ids.append((attributes["id"], tag, len(self.text)))
+
+    def handle_endtag(self, tag):
+        if self._open_ids and self._open_ids[-1][1] == tag:
+            key, _, start = self._open_ids.pop()
+            self.by_id[key] = "".join(self.text[start:]).strip()
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, checkpoint_dir):
+    """A run with two models over 12 good pairs, 2 failed files and unmatched files on both sides."""
+    root = tmp_path_factory.mktemp("report")
+    ref, gen = root / "ref", root / "gen"
+    (ref / "sub").mkdir(parents=True)
+    (gen / "sub").mkdir(parents=True)
+    names = [f"pair{i:02d}" for i in range(10)] + ["sub/nested", ODD_NAME]
+    for i, name in enumerate(names):
+        random_image(i, (60 + i, 48)).save(ref / f"{name}.png")
+        random_image(i if i % 3 else 200 + i, (58, 50 + i)).save(gen / f"{name}.jpg", quality=90)
+    random_image(40, (40, 40)).save(ref / "empty.png")
+    (gen / "empty.png").write_bytes(b"")
+    random_image(41, (40, 40)).save(ref / "text.png")
+    (gen / "text.png").write_text("not an image")
+    random_image(42, (40, 40), mode="RGBA").save(ref / "only_ref.png")
+    random_image(43, (40, 40)).save(gen / "only_gen.png")
+    other = write_checkpoint(make_reference_model(seed=3), root / "other-tiny")
+    out = root / "out"
+    args = [ref, gen, "--model", f"nearid={checkpoint_dir},nearid={other}", "--out", out,
+            "--report", out / "report.html", "--num-workers", "0", "--no-progress"]
+    assert main([str(a) for a in args]) == 0
+    with open(out / "scores.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return out / "report.html", rows, json.loads((out / "summary.json").read_text())
+
+
+def test_report_is_self_contained_and_static(run):
+    path, _, _ = run
+    text = path.read_text(encoding="utf-8")
+    page = Page(text)
+    lowered = text.lower()
+    assert "<script" not in lowered and "javascript:" not in lowered
+    assert "http://" not in lowered and "https://" not in lowered
+    assert "url(" not in lowered and "@import" not in lowered
+    for tag, attributes in page.tags:
+        for key in ("src", "href", "srcset", "data", "action", "poster"):
+            if key in attributes:
+                value = attributes[key]
+                assert value.startswith("data:image/") if key == "src" else value.startswith("#"), (tag, key, value)
+        assert tag not in ("script", "iframe", "object", "embed", "link", "base")
+        assert not any(key.startswith("on") for key in attributes), (tag, attributes)
+
+
+def test_report_counts_match_the_csv_and_summary(run):
+    path, rows, summary = run
+    page = Page(path.read_text(encoding="utf-8"))
+    assert len(rows) == 12
+    assert page.by_id["pairs-scored"] == str(len(rows)) == str(summary["pairs_scored"])
+    assert page.by_id["pairs-total"] == "14" and page.by_id["pairs-skipped"] == "2"
+    assert page.by_id["failed-files"] == "2" and page.by_id["unmatched-ref"] == "1"
+    counts = [attrs for tag, attrs in page.tags if tag == "td" and attrs.get("data-key") == "count"]
+    assert len(counts) == 2  # one summary row per model
+    models = [attrs["data-model"] for tag, attrs in page.tags if tag == "tr" and "data-model" in attrs]
+    assert models == list(summary["models"])
+    text = "".join(page.text)
+    for model, info in summary["models"].items():
+        assert info["signature"] in text
+        low, high = info["ci95"]
+        assert f"[{low:.4f}, {high:.4f}]" in text  # the interval in the summary table and the citation line
+        assert f"{model} = {info['mean']:.4f}, 95% CI [{low:.4f}, {high:.4f}]" in text
+
+
+def test_report_lists_failed_and_unmatched_files(run):
+    path, _, summary = run
+    page = Page(path.read_text(encoding="utf-8"))
+    failures = page.by_id["failures"]
+    for failure in summary["failures"]:
+        assert failure["path"] in failures and failure["reason"] in failures
+    assert {Path(f["path"]).name for f in summary["failures"]} == {"empty.png", "text.png"}
+    assert page.by_id["unmatched-ref-list"].endswith("only_ref.png")
+    assert page.by_id["unmatched-gen-list"].endswith("only_gen.png")
+
+
+def test_report_thumbnails_plots_and_escaped_names(run):
+    path, rows, _ = run
+    text = path.read_text(encoding="utf-8")
+    page = Page(text)
+    images = [attrs for tag, attrs in page.tags if tag == "img"]
+    thumbnails = [a for a in images if a["src"].startswith("data:image/jpeg;base64,")]
+    plots = [a for a in images if a["src"].startswith("data:image/png;base64,")]
+    assert len(plots) == 3  # a histogram per model, one scatter of the second model against the first
+    # 12 pairs <= 2 x 8: one table of all pairs per model, a reference and a generation per row
+    assert len(thumbnails) == 2 * 2 * len(rows)
+    for attrs in thumbnails[:6]:
+        picture = Image.open(io.BytesIO(base64.b64decode(attrs["src"].split(",", 1)[1])))
+        assert picture.format == "JPEG" and max(picture.size) <= 128
+        assert (int(attrs["width"]), int(attrs["height"])) == picture.size
+    # every pair appears, lowest first, and each score is the CSV's
+    scores = sorted(float(r[list(r)[2]]) for r in rows)
+    shown = [float(cell) for cell in _cells(text, "num score")[:len(rows)]]
+    np.testing.assert_allclose(shown, scores, atol=5e-5)
+    # the odd file name is escaped in the markup and reads back verbatim
+    assert ODD_NAME not in text and "a&amp;b &lt;i&gt;&quot;odd&quot;" in text
+    assert any(ODD_NAME in chunk for chunk in page.text)
+
+
+def _cells(text: str, css_class: str) -> list[str]:
+    marker = f'<td class="{css_class}">'
+    return [part.split("<", 1)[0] for part in text.split(marker)[1:]]
+
+
+def test_missing_matplotlib_is_a_clear_usage_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    (tmp_path / "r").mkdir(), (tmp_path / "g").mkdir()
+    with pytest.raises(SystemExit) as excinfo:
+        main([str(tmp_path / "r"), str(tmp_path / "g"), "--report", str(tmp_path / "x.html")])
+    assert excinfo.value.code == 2
+    assert 'pip install "nearid-metric[report]"' in capsys.readouterr().err
+
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+def find_browser() -> str | None:
+    return next((found for name in BROWSERS if (found := shutil.which(name))), None)
+
+
+@pytest.mark.skipif(find_browser() is None, reason="no Chromium/Chrome binary on PATH (looked for "
+                    + ", ".join(BROWSERS) + "); install the Debian package 'chromium' as .ci/run does")
+def test_report_renders_in_headless_chromium(run, tmp_path):
+    path, _, _ = run
+    shot = tmp_path / "report.png"
+    width, height = 1280, 2400
+    command = [find_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}", f"--window-size={width},{height}",
+               f"--screenshot={shot}", path.resolve().as_uri()]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and shot.is_file(), proc.stderr[-2000:]
+    picture = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int64)
+    assert picture.shape == (height, width, 3)
+    not_white = (picture < 235).any(axis=2)
+    assert not_white.mean() > 0.03  # text, plots and thumbnails drawn, not a blank page
+    # the histogram bars' blue (#8fb1e9 with its #3b6fd8 edge) is on screen: the embedded plots were decoded
+    blue = (np.abs(picture - [0x8F, 0xB1, 0xE9]).sum(axis=2) < 40)
+    assert blue.sum() > 500
