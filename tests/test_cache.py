@@ -7,8 +7,10 @@ import logging
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.numpy import load_file
 
-from nearid_metric.cache import ArrayStore, content_key, content_keys
+from nearid_metric.cache import FORMAT, ArrayStore, content_key, content_keys
 from nearid_metric.images import EncodedImage, ImageLoadError
 
 
@@ -45,12 +47,39 @@ def test_put_get_round_trip_across_parts_and_reopen(tmp_path):
         store.put(keys[7:], torch.from_numpy(values[7:]))  # buffered
         assert len(store) == 10 and "k9" in store
         np.testing.assert_array_equal(store.get(["k9", "k0", "k5"]), values[[9, 0, 5]])
-    assert len(list(store.folder.glob("part-*.npy"))) == 2
+    assert len(list(store.folder.glob("part-*.safetensors"))) == 2
     reopened = ArrayStore(tmp_path, signature="model-a", shape=(3, 4))
     order = [3, 8, 0, 9, 1]
     np.testing.assert_array_equal(reopened.get([keys[i] for i in order]), values[order])
     with pytest.raises(KeyError, match="nope"):
         reopened.get(["k1", "nope"])
+    assert reopened._maps and all(isinstance(m, np.memmap) for m in reopened._maps.values())  # rows read lazily
+
+
+def test_a_part_is_one_safetensors_file(tmp_path):
+    """Documented format: tensor "rows" [n, *shape]; metadata format, keys (JSON), sha256 of the tensor bytes."""
+    values = _rows(3).astype(np.float16)
+    with ArrayStore(tmp_path, signature="s", shape=(3, 4), dtype="float16") as store:
+        store.put(["x", "y", "z"], values)
+    (part,) = store.folder.glob("part-*")
+    assert part.suffix == ".safetensors" and sorted(p.name for p in store.folder.iterdir()) == ["meta.json", part.name]
+    tensors = load_file(part)
+    assert list(tensors) == ["rows"] and tensors["rows"].dtype == np.float16
+    np.testing.assert_array_equal(tensors["rows"], values)
+    with safe_open(part, framework="numpy") as f:
+        meta = f.metadata()
+    assert meta["format"] == str(FORMAT) and json.loads(meta["keys"]) == ["x", "y", "z"]
+    assert meta["sha256"] == hashlib.sha256(values.tobytes()).hexdigest()
+    assert json.loads((store.folder / "meta.json").read_text())["format"] == FORMAT
+
+
+def test_a_folder_in_the_old_format_is_a_clear_error(tmp_path):
+    store = ArrayStore(tmp_path, signature="s", shape=(2,))
+    meta = json.loads((store.folder / "meta.json").read_text())
+    (store.folder / "meta.json").write_text(json.dumps({**meta, "format": 1}))
+    (store.folder / "part-1-abc-00000.npy").write_bytes(b"old")
+    with pytest.raises(ValueError, match=r"format 1 .*reads format 2\. Delete the folder"):
+        ArrayStore(tmp_path, signature="s", shape=(2,))
 
 
 def test_existing_keys_are_not_overwritten(tmp_path):
@@ -99,12 +128,13 @@ def test_damaged_part_is_reported_moved_aside_and_its_keys_recomputed(tmp_path, 
     with ArrayStore(tmp_path, signature="s", shape=(3, 4), part_rows=3) as store:
         store.put(["a", "b", "c"], _rows(3))
         store.put(["d", "e", "f"], _rows(3, seed=1))
-    parts = sorted(store.folder.glob("part-*.npy"))
+    parts = sorted(store.folder.glob("part-*.safetensors"))
     damaged = parts[0]
+    with safe_open(damaged, framework="numpy") as f:
+        damaged_keys = set(json.loads(f.metadata()["keys"]))
     raw = bytearray(damaged.read_bytes())
     raw[-1] ^= 0xFF  # one flipped byte in the last stored value
     damaged.write_bytes(bytes(raw))
-    damaged_keys = set(json.loads(damaged.with_suffix(".json").read_text())["keys"])
     with caplog.at_level(logging.WARNING, logger="nearid_metric.cache"):
         store = ArrayStore(tmp_path, signature="s", shape=(3, 4))
     assert damaged.name in caplog.text and "checksum mismatch" in caplog.text
@@ -119,20 +149,37 @@ def test_damaged_part_is_reported_moved_aside_and_its_keys_recomputed(tmp_path, 
 def test_truncated_part_is_detected_without_checksums(tmp_path, caplog):
     with ArrayStore(tmp_path, signature="s", shape=(3, 4)) as store:
         store.put(["a", "b"], _rows(2))
-    (part,) = store.folder.glob("part-*.npy")
+    (part,) = store.folder.glob("part-*.safetensors")
     part.write_bytes(part.read_bytes()[:-20])
     with caplog.at_level(logging.WARNING, logger="nearid_metric.cache"):
         store = ArrayStore(tmp_path, signature="s", shape=(3, 4), verify=False)
     assert "damaged" in caplog.text and "a" not in store
 
 
-def test_unfinished_part_is_ignored(tmp_path):
-    """A run killed between writing a part's array and its key list leaves no usable entry."""
+def test_damaged_key_list_is_detected(tmp_path, caplog):
+    """A header edit that keeps it valid (another key for a row) fails the key checksum, not only the data's."""
+    with ArrayStore(tmp_path, signature="s", shape=(2,)) as store:
+        store.put(["aa", "bb"], np.ones((2, 2)))
+    (part,) = store.folder.glob("part-*.safetensors")
+    raw = part.read_bytes()
+    assert raw.count(b'\\"bb\\"') == 1
+    part.write_bytes(raw.replace(b'\\"bb\\"', b'\\"cc\\"'))
+    with caplog.at_level(logging.WARNING, logger="nearid_metric.cache"):
+        store = ArrayStore(tmp_path, signature="s", shape=(2,))
+    assert "checksum mismatch (keys)" in caplog.text and len(store) == 0 and "cc" not in store
+
+
+def test_unfinished_part_is_ignored(tmp_path, caplog):
+    """A run killed while writing a part leaves only a temporary file, which is not read."""
     with ArrayStore(tmp_path, signature="s", shape=(2,)) as store:
         store.put(["a"], np.ones((1, 2)))
-    (meta,) = store.folder.glob("part-*.json")
-    meta.unlink()
-    assert len(ArrayStore(tmp_path, signature="s", shape=(2,))) == 0
+    (part,) = store.folder.glob("part-*.safetensors")
+    unfinished = part.with_name(part.name + ".0123abcd.tmp")
+    unfinished.write_bytes(part.read_bytes()[:-4])
+    part.unlink()
+    with caplog.at_level(logging.WARNING, logger="nearid_metric.cache"):
+        assert len(ArrayStore(tmp_path, signature="s", shape=(2,))) == 0
+    assert unfinished.exists() and not caplog.text
 
 
 def test_two_writers_share_a_store(tmp_path):
@@ -145,7 +192,7 @@ def test_two_writers_share_a_store(tmp_path):
     assert "b" not in first
     first.refresh()
     np.testing.assert_array_equal(first.get(["a", "b"]), [[1.0, 1.0], [2.0, 2.0]])
-    assert len(list(first.folder.glob("part-*.npy"))) == 2
+    assert len(list(first.folder.glob("part-*.safetensors"))) == 2
 
 
 def test_store_survives_pickling_for_loader_workers(tmp_path):

@@ -102,9 +102,9 @@ def test_anything_that_changes_an_embedding_misses(images, checkpoint_dir, tmp_p
 def test_damaged_part_is_detected_and_recomputed(images, checkpoint_dir, tmp_path, caplog):
     cache = tmp_path / "cache"
     emb, _ = embed(counting_scorer(checkpoint_dir), images, cache)
-    (part,) = cache.glob("*/part-*.npy")
+    (part,) = cache.glob("*/part-*.safetensors")
     data = bytearray(part.read_bytes())
-    data[-8:] = b"\x00\x00\xc0\x7f" * 2  # the last floats become NaN; the file keeps its size
+    data[-8:] = b"\x00\x00\xc0\x7f" * 2  # the last two floats (end of the tensor) become NaN; same size
     part.write_bytes(bytes(data))
 
     again = counting_scorer(checkpoint_dir)

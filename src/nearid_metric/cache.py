@@ -4,15 +4,24 @@ A store holds one array per key (:func:`content_key`: the sha256 of an image's b
 *signature* (what made the arrays: model weights, preprocessing, precision), so an entry is
 never returned to a different model. Layout under the root folder::
 
-    root/<first 16 hex of sha256(signature)>/meta.json        format, signature, shape, dtype
-    root/<...>/part-<writer>-<n>.npy                        [rows, *shape] (numpy .npy)
-    root/<...>/part-<writer>-<n>.json                       {"keys": [...], "sha256": of the .npy}
+    root/<first 16 hex of sha256(signature)>/meta.json             format, signature, shape, dtype
+    root/<...>/part-<writer>-<n>.safetensors                     one tensor "rows" [n, *shape]
 
-Parts are append-only and written atomically (temporary file, then rename; the .json last),
-so a killed run loses only the rows it had not flushed, and several processes may write to
-one store at once (each writer names its own parts). Reads are memory-mapped. With
-``verify=True`` every part's checksum is checked when the store is opened: a damaged part is
-reported, renamed ``*.corrupt`` and its keys count as missing (so they are recomputed).
+Each part is a safetensors file holding one tensor, ``rows`` ([n, *shape], the store's dtype,
+little-endian), whose header metadata (text) holds ``format`` (:data:`FORMAT`), ``keys`` (a
+JSON list: row i is the array of ``keys[i]``), ``sha256`` (hex digest of the tensor bytes) and
+``keys_sha256`` (of the ``keys`` text). Parts are append-only and written atomically (a
+temporary ``*.tmp`` file, then a rename), so a killed run loses only the rows it had not
+flushed, and several processes may write to one store at once (each writer names its own
+parts). Reads are memory-mapped: ``safetensors.safe_open`` checks a part's structure and reads
+its metadata, and the tensor bytes (after the 8-byte header length and the JSON header) are
+mapped with ``numpy.memmap``, so a ``get`` reads only the rows it asks for.
+With ``verify=True`` every part's checksums are checked when the store is opened: a damaged
+part (unreadable header, wrong shape or dtype, truncated, checksum mismatch) is reported,
+renamed ``*.corrupt`` and its keys count as missing (so they are recomputed).
+
+A folder written in another format (format 1, from development versions, kept ``.npy`` parts
+with ``.json`` key lists) is refused with an error that says to delete it: it is only a cache.
 """
 
 from __future__ import annotations
@@ -21,20 +30,29 @@ import hashlib
 import json
 import logging
 import os
+import struct
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 from nearid_metric.hub import file_sha256
 from nearid_metric.images import EncodedImage, ImageLoadError, ImageSource
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 1: .npy part + .json key list; 2: one safetensors file per part
+TENSOR = "rows"  # the one tensor of a part
+VERIFY_THREADS = min(8, os.cpu_count() or 1)  # parts checked in parallel when a store is opened
+PART_SUFFIX = ".safetensors"
+# numpy dtype -> safetensors dtype name, for the dtypes a store may hold
+_SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32",
+                       "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
 
 
 def content_key(image: ImageSource) -> str:
@@ -68,16 +86,33 @@ def content_keys(images: Sequence[ImageSource], *, num_threads: int = 8) -> tupl
     return [None if isinstance(r, ImageLoadError) else r for r in results], failures
 
 
-def _write_atomic(path: Path, write) -> None:
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(temporary path)``, then fsync and rename it to ``path``: readers see the whole file or none."""
     tmp = path.with_name(path.name + f".{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
+        write(tmp)
+        with open(tmp, "r+b") as f:  # writable: some systems refuse fsync on a read-only descriptor
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _sha256(array: np.ndarray) -> str:
+    """Hex sha256 of an array's bytes (C order)."""
+    return hashlib.sha256(np.ascontiguousarray(array).reshape(-1).view(np.uint8)).hexdigest()
+
+
+def _tensor_layout(path: Path) -> tuple[int, tuple[int, ...], str]:
+    """``(byte offset of the data, shape, safetensors dtype name)`` of a part's tensor, from its header.
+
+    The file starts with the header length (u64, little-endian), then the JSON header; data
+    offsets in the header count from the end of the header.
+    """
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        entry = json.loads(f.read(length))[TENSOR]
+    return 8 + length + int(entry["data_offsets"][0]), tuple(entry["shape"]), entry["dtype"]
 
 
 class ArrayStore:
@@ -85,6 +120,7 @@ class ArrayStore:
 
     ``put`` buffers rows and writes a part every ``part_rows`` rows (and on ``flush``/``close``);
     ``get`` serves flushed and buffered rows alike. Use as a context manager to flush on exit.
+    ``dtype``: float16/32/64, int8/16/32/64, uint8 or bool (this package uses float32 and float16).
     """
 
     def __init__(self, root: str | os.PathLike, *, signature: str, shape: Sequence[int], dtype: Any = "float32",
@@ -93,7 +129,9 @@ class ArrayStore:
             raise ValueError(f"part_rows must be >= 1, got {part_rows}")
         self.signature = signature
         self.shape = tuple(int(n) for n in shape)
-        self.dtype = np.dtype(dtype)
+        self.dtype = np.dtype(dtype).newbyteorder("<")  # safetensors stores little-endian
+        if self.dtype.name not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"ArrayStore cannot store {self.dtype.name}; use one of {', '.join(_SAFETENSORS_DTYPES)}")
         self.part_rows = part_rows
         self.folder = Path(root) / hashlib.sha256(signature.encode()).hexdigest()[:16]
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -111,12 +149,15 @@ class ArrayStore:
         meta = {"format": FORMAT, "signature": self.signature, "shape": list(self.shape), "dtype": self.dtype.str}
         path = self.folder / "meta.json"
         if not path.exists():
-            _write_atomic(path, lambda f: f.write(json.dumps(meta, indent=2).encode()))
+            _write_atomic(path, lambda tmp: tmp.write_bytes(json.dumps(meta, indent=2).encode()))
             return
         try:
             found = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise ValueError(f"{path}: unreadable cache metadata ({e}); delete the folder to rebuild") from None
+        if isinstance(found, dict) and found.get("format") != FORMAT:
+            raise ValueError(f"{self.folder} is a cache in format {found.get('format')!r} (another nearid-metric "
+                             f"version); this version reads format {FORMAT}. Delete the folder to rebuild it")
         if found != meta:
             raise ValueError(f"{path}: cache metadata {found} does not match this store's {meta}; "
                              f"delete the folder to rebuild")
@@ -124,42 +165,56 @@ class ArrayStore:
     def refresh(self) -> None:
         """Pick up parts written since opening (e.g. by other processes)."""
         known = set(self._parts)
-        for meta_path in sorted(self.folder.glob("part-*.json")):
-            array_path = meta_path.with_suffix(".npy")
-            if array_path in known:
-                continue
-            keys = self._read_part(meta_path, array_path)
+        new = [path for path in sorted(self.folder.glob(f"part-*{PART_SUFFIX}")) if path not in known]
+        with ThreadPoolExecutor(min(VERIFY_THREADS, max(1, len(new)))) as pool:  # hashing releases the GIL
+            found = list(pool.map(self._read_part, new))
+        for path, keys in zip(new, found):
             if keys is None:
                 continue
             number = len(self._parts)
-            self._parts.append(array_path)
+            self._parts.append(path)
             for row, key in enumerate(keys):
                 self._index.setdefault(key, (number, row))
 
-    def _read_part(self, meta_path: Path, array_path: Path) -> list[str] | None:
+    def _read_part(self, path: Path) -> list[str] | None:
+        """The keys of a part; None (after warning and renaming it ``*.corrupt``) if it is damaged."""
         try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            keys = meta["keys"]
-            array = np.load(array_path, mmap_mode="r")
+            with safe_open(path, framework="numpy") as f:  # checks that the header covers the file exactly
+                meta = f.metadata() or {}
+            _, shape, dtype = _tensor_layout(path)
+            keys = json.loads(meta["keys"])
+            if not isinstance(keys, list):
+                raise ValueError("the keys are not a list")
+            expected = (len(keys), *self.shape)
             problem = None
-            if array.shape != (len(keys), *self.shape) or array.dtype != self.dtype:
-                problem = f"holds {array.dtype} {array.shape}, expected {self.dtype} {(len(keys), *self.shape)}"
-            elif self._verify and file_sha256(array_path) != meta["sha256"]:
-                problem = "checksum mismatch"
-            del array
+            if meta.get("format") != str(FORMAT):
+                problem = f"part format {meta.get('format')!r}, expected {FORMAT}"
+            elif shape != expected or dtype != _SAFETENSORS_DTYPES[self.dtype.name]:
+                problem = f"holds {dtype} {shape}, expected {_SAFETENSORS_DTYPES[self.dtype.name]} {expected}"
+            elif self._verify:
+                rows = self._map(path)
+                if hashlib.sha256(meta["keys"].encode()).hexdigest() != meta["keys_sha256"]:
+                    problem = "checksum mismatch (keys)"
+                elif _sha256(rows) != meta["sha256"]:
+                    problem = "checksum mismatch"
+                del rows
         except FileNotFoundError:
             return None  # moved aside by another process meanwhile
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
             problem = f"unreadable ({type(e).__name__}: {e})"
         if problem is None:
             return keys
-        logger.warning("cache part %s is damaged (%s); its entries will be recomputed", array_path, problem)
-        for path in (meta_path, array_path):
-            try:
-                os.replace(path, path.with_name(path.name + ".corrupt"))
-            except FileNotFoundError:
-                pass
+        logger.warning("cache part %s is damaged (%s); its entries will be recomputed", path, problem)
+        try:
+            os.replace(path, path.with_name(path.name + ".corrupt"))
+        except FileNotFoundError:
+            pass
         return None
+
+    def _map(self, path: Path) -> np.ndarray:
+        """A part's rows [n, *shape], memory-mapped read-only (nothing is read until indexed)."""
+        offset, shape, _ = _tensor_layout(path)
+        return np.memmap(path, dtype=self.dtype, mode="r", offset=offset, shape=shape)
 
     def __contains__(self, key: str) -> bool:
         return key in self._index or key in self._buffer
@@ -181,7 +236,7 @@ class ArrayStore:
                 raise KeyError(f"{key} is not in the cache {self.folder}")
         for part, pairs in by_part.items():
             if part not in self._maps:
-                self._maps[part] = np.load(self._parts[part], mmap_mode="r")
+                self._maps[part] = self._map(self._parts[part])
             pairs.sort()
             rows, targets = zip(*pairs)
             out[list(targets)] = self._maps[part][list(rows)]
@@ -211,14 +266,14 @@ class ArrayStore:
             return
         keys = list(self._buffer)
         array = np.stack([self._buffer[k] for k in keys])
-        stem = f"part-{self._writer}-{self._written:05d}"
-        array_path, meta_path = self.folder / f"{stem}.npy", self.folder / f"{stem}.json"
-        _write_atomic(array_path, lambda f: np.save(f, array))
-        meta = {"keys": keys, "sha256": file_sha256(array_path)}
-        _write_atomic(meta_path, lambda f: f.write(json.dumps(meta).encode()))
+        keys_text = json.dumps(keys)
+        meta = {"format": str(FORMAT), "keys": keys_text, "sha256": _sha256(array),
+                "keys_sha256": hashlib.sha256(keys_text.encode()).hexdigest()}
+        path = self.folder / f"part-{self._writer}-{self._written:05d}{PART_SUFFIX}"
+        _write_atomic(path, lambda tmp: save_file({TENSOR: array}, tmp, metadata=meta))
         self._written += 1
         number = len(self._parts)
-        self._parts.append(array_path)
+        self._parts.append(path)
         for row, key in enumerate(keys):
             self._index.setdefault(key, (number, row))
         self._buffer.clear()
