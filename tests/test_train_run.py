@@ -212,11 +212,12 @@ def test_cached_features_give_the_uncached_loss_curve(tmp_path, siglip_base, ide
 
     # a second run over the same images reads every token from the cache
     (tmp_path / "cache32").joinpath("x").touch()
-    parts = sorted((tmp_path / "cache32").rglob("part-*.npy"))
+    parts = sorted((tmp_path / "cache32").rglob("part-*.safetensors"))
+    assert parts
     with caplog.at_level("INFO", logger="nearid_metric"):
         train(settings(siglip_base[0], identities, tmp_path / "again", cache_dir=str(tmp_path / "cache32"),
                        cache_dtype="fp32", epochs=1))
-    assert sorted((tmp_path / "cache32").rglob("part-*.npy")) == parts
+    assert sorted((tmp_path / "cache32").rglob("part-*.safetensors")) == parts
     assert "computing the trunk tokens" not in caplog.text
 
 

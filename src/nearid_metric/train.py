@@ -884,8 +884,18 @@ def _open_feature_cache(config: TrainConfig, model: _Model, images: Sequence[Ima
     shape = (trunk.patch_embed.num_patches, trunk.num_features)
     dtype = np.dtype(_STORE_DTYPES[config.cache_dtype])
     part_rows = max(1, (256 << 20) // (math.prod(shape) * dtype.itemsize))  # about 256 MiB per part
-    store = ArrayStore(config.cache_dir, signature=signature, shape=shape, dtype=dtype, part_rows=part_rows)
-    keys, unreadable = content_keys(images)
+
+    def open_store(verify: bool) -> ArrayStore:
+        return ArrayStore(config.cache_dir, signature=signature, shape=shape, dtype=dtype, part_rows=part_rows,
+                          verify=verify)
+
+    # Rank 0 checks every part's checksum (a full read of the cache) and sets damaged parts aside;
+    # the other ranks then open what is left without reading it all again.
+    store = open_store(verify=True) if rank == 0 else None
+    _barrier(world)
+    if store is None:
+        store = open_store(verify=False)
+    keys, unreadable = _shared_content_keys(images, rank, world)
     if any(key is not None and key not in store for key in keys):
         trunk.to(model.device)
         decode = build_feature_cache(model, images, keys, store, preprocess, num_workers=config.num_workers,
@@ -902,6 +912,24 @@ def _open_feature_cache(config: TrainConfig, model: _Model, images: Sequence[Ima
         logger.warning("%d image(s) could not be cached by another rank (treated as missing)", len(absent))
     logger.info("feature cache %s: %d entries", store.folder, len(store))
     return store, keys
+
+
+def _shared_content_keys(images: Sequence[ImageSource], rank: int, world: int
+                         ) -> tuple[list[str | None], dict[int, str]]:
+    """:func:`~nearid_metric.cache.content_keys` of ``images``, each rank hashing every ``world``-th file."""
+    mine = list(range(rank, len(images), world))
+    keys, failures = content_keys([images[i] for i in mine])
+    if world == 1:
+        return keys, failures
+    shares: list[Any] = [None] * world
+    dist.all_gather_object(shares, (mine, keys, {mine[i]: reason for i, reason in failures.items()}))
+    every: list[str | None] = [None] * len(images)
+    unreadable: dict[int, str] = {}
+    for rows, share_keys, share_failures in shares:
+        for row, key in zip(rows, share_keys):
+            every[row] = key
+        unreadable.update(share_failures)
+    return every, dict(sorted(unreadable.items()))
 
 
 def _check_resumable(state: dict[str, Any], config: TrainConfig, path: Path) -> None:
