@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from nearid_metric.train import two_tier_infonce
+from nearid_metric.train import _average_gradients, batch_loss, two_tier_infonce
 
 # The spawned ranks import this module: the export tests import transformers, timm and the
 # conftest helpers themselves, which keeps each rank's start-up about 4 s shorter.
@@ -183,6 +183,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def shared_head() -> torch.nn.Module:
+    torch.manual_seed(5)
+    return torch.nn.Linear(8, 8, dtype=torch.float64)
+
+
 def _loss_worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -193,7 +198,13 @@ def _loss_worker(rank: int, world: int, port: int, out: str) -> None:
         leaves = [t.requires_grad_() for t in inputs[:3]]
         loss, stats = two_tier_infonce(*leaves, *inputs[3:], identities=IDENTITIES[mine])
         loss.backward()
-        torch.save({"loss": loss.detach(), "stats": stats, "grads": [t.grad for t in leaves]}, Path(out, f"{rank}.pt"))
+        head = shared_head()  # a trained layer: nearid-train averages its gradients over the ranks
+        head_loss, _ = two_tier_infonce(*(head(torch.nan_to_num(t.detach())) for t in inputs[:3]), *inputs[3:],
+                                        identities=IDENTITIES[mine])
+        head_loss.backward()
+        _average_gradients(list(head.parameters()), world)
+        torch.save({"loss": loss.detach(), "stats": stats, "grads": [t.grad for t in leaves],
+                    "head_grads": [p.grad for p in head.parameters()]}, Path(out, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -216,6 +227,30 @@ def test_two_ranks_equal_one_process(tmp_path):
         start = sum(SPLITS[:rank])
         for grad, expected in zip(result["grads"], single_grads):
             torch.testing.assert_close(grad / 2, expected[start:start + SPLITS[rank]], rtol=0, atol=1e-12)
+    # after nearid-train's gradient averaging, a shared layer gets exactly the one-process gradient
+    head = shared_head()
+    head_loss, _ = two_tier_infonce(*(head(torch.nan_to_num(t.detach())) for t in inputs[:3]), *inputs[3:],
+                                    identities=IDENTITIES)
+    head_loss.backward()
+    for result in ranks:
+        for grad, param in zip(result["head_grads"], head.parameters()):
+            torch.testing.assert_close(grad, param.grad, rtol=0, atol=1e-12)
+
+
+def test_batch_loss_drops_samples_without_an_anchor():
+    """A sample whose anchor image is missing (unreadable) takes no part: same loss as without it."""
+    gen = torch.Generator().manual_seed(3)
+    embeddings = torch.randn(20, 8, generator=gen, dtype=torch.float64)
+    index = torch.randperm(20, generator=gen)[:18].reshape(3, 6)
+    index[0, 4] = index[2, 2] = -1
+    identities = torch.tensor([0, 1, 2])
+    dropped = index.clone()
+    dropped[1, 0] = -1
+    loss, stats = batch_loss(embeddings, dropped, identities, temperature=0.07, alpha=0.5)
+    keep = torch.tensor([0, 2])
+    expected, expected_stats = batch_loss(embeddings, index[keep], identities[keep], temperature=0.07, alpha=0.5)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-12)
+    assert stats["tier1_rows"] == expected_stats["tier1_rows"] == 3
 
 
 # --- exporting a trunk to the released checkpoint format -----------------------------------------------
