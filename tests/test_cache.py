@@ -3,6 +3,7 @@
 import hashlib
 import json
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -203,3 +204,73 @@ def test_store_survives_pickling_for_loader_workers(tmp_path):
     store.get(["a"])  # opens a memory map
     clone = pickle.loads(pickle.dumps(store))
     np.testing.assert_array_equal(clone.get(["a"]), [[5.0, 5.0]])
+
+
+# --- remembered file hashes (FileHashMemo) ------------------------------------------------------------------
+
+
+def _count_hashing(monkeypatch) -> list:
+    import nearid_metric.cache as cache_module
+
+    read, real = [], cache_module.file_sha256
+    monkeypatch.setattr(cache_module, "file_sha256", lambda path: read.append(path) or real(path))
+    return read
+
+
+def _age(path, seconds=3600):
+    """Set a file's modification time back (its status-change time stays: only a write moves it)."""
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - int(seconds * 1e9)))
+
+
+def test_memo_skips_unchanged_files_and_rehashes_changed_ones(tmp_path, monkeypatch):
+    import nearid_metric.cache as cache_module
+
+    monkeypatch.setattr(cache_module, "RACY_SECONDS", 0.0)  # remember even just-written files
+    files = [tmp_path / f"{i}.png" for i in range(3)]
+    for i, f in enumerate(files):
+        f.write_bytes(bytes([i]) * 100)
+    memo = tmp_path / "memo" / "hashes.sqlite"
+    read = _count_hashing(monkeypatch)
+    keys, _ = content_keys(files + [tmp_path / "missing.png"], memo=memo)
+    assert keys == [hashlib.sha256(bytes([i]) * 100).hexdigest() for i in range(3)] + [None]
+    assert sorted(p.name for p in read) == ["0.png", "1.png", "2.png", "missing.png"] and memo.exists()
+
+    read.clear()
+    again, failures = content_keys(files + [tmp_path / "missing.png"], memo=memo)
+    assert again == keys and [p.name for p in read] == ["missing.png"] and failures == {3: "file not found"}
+    read.clear()
+
+    files[1].write_bytes(b"\x07" * 100)  # same size, new content, then an old modification time
+    _age(files[1])
+    changed, _ = content_keys(files, memo=memo)
+    assert changed[1] == hashlib.sha256(b"\x07" * 100).hexdigest() and changed[0::2] == keys[0::2]
+    assert [p.name for p in read] == ["1.png"]
+    # a file moved into the place of a remembered one is another inode: hashed, not trusted
+    (tmp_path / "other").write_bytes(bytes([0]) * 99 + b"\x01")
+    os.replace(tmp_path / "other", files[0])
+    read.clear()
+    assert content_keys(files, memo=memo)[0][0] == hashlib.sha256(bytes([0]) * 99 + b"\x01").hexdigest()
+    assert [p.name for p in read] == ["0.png"]
+
+
+def test_memo_does_not_remember_files_changed_just_now(tmp_path, monkeypatch):
+    (tmp_path / "a.png").write_bytes(b"a")
+    memo = tmp_path / "hashes.sqlite"
+    read = _count_hashing(monkeypatch)
+    content_keys([tmp_path / "a.png"], memo=memo)
+    content_keys([tmp_path / "a.png"], memo=memo)
+    assert len(read) == 2  # written within RACY_SECONDS of hashing: a same-tick rewrite could hide
+
+
+def test_damaged_memo_is_reported_and_ignored(tmp_path, monkeypatch, caplog):
+    import nearid_metric.cache as cache_module
+
+    monkeypatch.setattr(cache_module, "RACY_SECONDS", 0.0)
+    (tmp_path / "a.png").write_bytes(b"a")
+    memo = tmp_path / "hashes.sqlite"
+    memo.write_bytes(b"this is not an SQLite database" * 10)
+    with caplog.at_level(logging.WARNING, logger="nearid_metric.cache"):
+        keys, failures = content_keys([tmp_path / "a.png"], memo=memo)
+    assert keys == [hashlib.sha256(b"a").hexdigest()] and failures == {}
+    assert "file hash memo" in caplog.text

@@ -56,6 +56,23 @@ def test_second_run_hits_the_cache_for_every_image(images, checkpoint_dir, tmp_p
         assert len(store) == 5 and content_key(copy) in store
 
 
+def test_second_run_does_not_read_unchanged_files_to_hash_them(images, checkpoint_dir, tmp_path, monkeypatch):
+    import nearid_metric.cache as cache_module
+
+    monkeypatch.setattr(cache_module, "RACY_SECONDS", 0.0)  # remember the hashes of just-written files
+    cache = tmp_path / "cache"
+    first, failures = embed(counting_scorer(checkpoint_dir), images, cache)
+    hashed, real = [], cache_module.file_sha256
+    monkeypatch.setattr(cache_module, "file_sha256", lambda path: hashed.append(path) or real(path))
+    again = counting_scorer(checkpoint_dir)
+    second, failures_again = embed(again, images, cache)
+    assert hashed == [] and again.encoder.calls == [] and (cache / "file-hashes.sqlite").exists()
+    assert torch.equal(second[:5], first[:5]) and failures_again == failures
+    images[0].write_bytes(images[1].read_bytes())  # now a copy of image 1: hashed again, and a hit
+    third, _ = embed(again, images, cache)
+    assert [Path(p).name for p in hashed] == ["0.png"] and torch.equal(third[0], first[1])
+
+
 def test_in_memory_pictures_are_cached_by_pixels(checkpoint_dir, tmp_path):
     pictures = [random_image(320 + i, (30, 30 + i)) for i in range(3)]
     first = counting_scorer(checkpoint_dir)

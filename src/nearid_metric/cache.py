@@ -30,10 +30,13 @@ import hashlib
 import json
 import logging
 import os
+import sqlite3
 import struct
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +52,8 @@ logger = logging.getLogger(__name__)
 FORMAT = 2  # 1: .npy part + .json key list; 2: one safetensors file per part
 TENSOR = "rows"  # the one tensor of a part
 VERIFY_THREADS = min(8, os.cpu_count() or 1)  # parts checked in parallel when a store is opened
+RACY_SECONDS = 2.0  # a file changed this recently when hashed is not remembered (FileHashMemo)
+HASH_MEMO = "file-hashes.sqlite"  # the FileHashMemo of a cache folder (embedding and feature caches)
 PART_SUFFIX = ".safetensors"
 # numpy dtype -> safetensors dtype name, for the dtypes a store may hold
 _SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32",
@@ -69,21 +74,102 @@ def content_key(image: ImageSource) -> str:
         raise ImageLoadError(image, f"cannot read ({e.strerror or e})") from None
 
 
-def content_keys(images: Sequence[ImageSource], *, num_threads: int = 8) -> tuple[list[str | None], dict[int, str]]:
+def content_keys(images: Sequence[ImageSource], *, num_threads: int = 8,
+                 memo: str | os.PathLike | None = None) -> tuple[list[str | None], dict[int, str]]:
     """:func:`content_key` of every image, hashed in ``num_threads`` threads.
 
-    Returns the keys (None for an unreadable image) and ``{index: reason}`` for those.
+    ``memo``: an SQLite file of hashes already computed (:class:`FileHashMemo`); a file whose
+    path and ``stat`` are unchanged since is not read again. Returns the keys (None for an
+    unreadable image) and ``{index: reason}`` for those.
     """
-    def one(image: ImageSource) -> str | ImageLoadError:
+    memo_db = FileHashMemo(memo) if memo is not None else None
+    known = memo_db.lookup(images) if memo_db is not None else [None] * len(images)
+
+    def one(n: int) -> str | ImageLoadError:
+        if known[n] is not None and known[n][0] is not None:
+            return known[n][0]  # remembered
         try:
-            return content_key(image)
+            return content_key(images[n])
         except ImageLoadError as e:
             return e
 
     with ThreadPoolExecutor(max(1, num_threads)) as pool:
-        results = list(pool.map(one, images))
+        results = list(pool.map(one, range(len(images))))
+    if memo_db is not None:
+        memo_db.record([(images[n], known[n][1], key) for n, key in enumerate(results)
+                                   if known[n] is not None and known[n][0] is None and isinstance(key, str)])
     failures = {i: r.reason for i, r in enumerate(results) if isinstance(r, ImageLoadError)}
     return [None if isinstance(r, ImageLoadError) else r for r in results], failures
+
+
+class FileHashMemo:
+    """sha256 of image files remembered across runs, in an SQLite file (stdlib ``sqlite3``).
+
+    An entry is used only while the file's resolved path, device, inode, size, modification
+    time and status-change time (``st_ctime_ns``, which any write updates and no tool can set
+    back) are all as they were when it was hashed. A file changed within
+    :data:`RACY_SECONDS` of being hashed is not remembered, so a write in the same clock tick
+    as the hash cannot go unnoticed. Several processes may share one memo (SQLite locks it).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def _connect(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, timeout=120)
+        db.execute("CREATE TABLE IF NOT EXISTS hashes (path TEXT PRIMARY KEY, stat TEXT NOT NULL, "
+                   "sha256 TEXT NOT NULL)")
+        return db
+
+    def lookup(self, images: Sequence[ImageSource]) -> list[tuple[str | None, str] | None]:
+        """Per image: None (not a file, or cannot be stat-ed), else ``(remembered sha256 or None, its stat)``."""
+        out: list[tuple[str | None, str] | None] = [None] * len(images)
+        files: dict[str, list[int]] = {}
+        for n, image in enumerate(images):
+            if isinstance(image, (str, os.PathLike)):
+                try:
+                    path = os.path.realpath(image)
+                    out[n] = (None, _stat_signature(os.stat(path)))
+                except OSError:
+                    continue  # hashing reports why
+                files.setdefault(path, []).append(n)
+        if not files:
+            return out
+        try:
+            with closing(self._connect()) as db:
+                paths = list(files)
+                for start in range(0, len(paths), 500):
+                    chunk = paths[start:start + 500]
+                    rows = db.execute(f"SELECT path, stat, sha256 FROM hashes WHERE path IN "
+                                      f"({','.join('?' * len(chunk))})", chunk).fetchall()
+                    for path, stat, digest in rows:
+                        for n in files[path]:
+                            if out[n][1] == stat:
+                                out[n] = (digest, stat)
+        except sqlite3.Error as e:
+            logger.warning("file hash memo %s is unusable (%s); hashing every file", self.path, e)
+        return out
+
+    def record(self, entries: Sequence[tuple[ImageSource, str, str]]) -> None:
+        """Remember ``(file, stat signature from lookup, sha256)``, unless the file changed too recently."""
+        now = time.time_ns()
+        rows = []
+        for image, stat, digest in entries:
+            changed = max(int(part) for part in stat.split(":")[3:5])  # mtime_ns, ctime_ns
+            if now - changed > RACY_SECONDS * 1e9:
+                rows.append((os.path.realpath(image), stat, digest))
+        if not rows:
+            return
+        try:
+            with closing(self._connect()) as db, db:
+                db.executemany("INSERT OR REPLACE INTO hashes (path, stat, sha256) VALUES (?, ?, ?)", rows)
+        except sqlite3.Error as e:
+            logger.warning("cannot update the file hash memo %s (%s)", self.path, e)
+
+
+def _stat_signature(st: os.stat_result) -> str:
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:

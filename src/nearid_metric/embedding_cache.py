@@ -21,13 +21,14 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
-from nearid_metric.cache import ArrayStore, content_keys
+from nearid_metric.cache import HASH_MEMO, ArrayStore, content_keys
 
 if TYPE_CHECKING:
     from nearid_metric.scorer import Images, Scorer
@@ -39,12 +40,17 @@ FLUSH_SECONDS = 60.0  # a killed run loses at most about this much embedding wor
 NORM_TOLERANCE = 1e-3  # a cached embedding must be a unit vector within this
 
 
-def image_keys(images: Images) -> list[str | None]:
-    """Content key of each image; None where a file cannot be read (decoding then reports why)."""
+def image_keys(images: Images, *, cache_dir: str | os.PathLike | None = None) -> list[str | None]:
+    """Content key of each image; None where a file cannot be read (decoding then reports why).
+
+    With ``cache_dir``, file hashes are remembered in ``cache_dir/``:data:`HASH_MEMO`
+    (:class:`nearid_metric.cache.FileHashMemo`), so a re-run does not read unchanged files again.
+    """
     in_memory = (Image.Image, torch.Tensor)
     keys = [_pixels_key(image) if isinstance(image, in_memory) else None for image in images]
     files = [i for i, image in enumerate(images) if not isinstance(image, in_memory)]
-    file_keys, _ = content_keys([images[i] for i in files], num_threads=HASH_THREADS)
+    memo = None if cache_dir is None else Path(cache_dir) / HASH_MEMO
+    file_keys, _ = content_keys([images[i] for i in files], num_threads=HASH_THREADS, memo=memo)
     for i, key in zip(files, file_keys):
         keys[i] = key
     return keys

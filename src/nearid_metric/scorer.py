@@ -257,7 +257,7 @@ def embed_images(
     """
     _check_images(images)
     rank, world = dist_utils.rank_and_world(distributed)
-    keys = image_keys(images)
+    keys = image_keys(images, cache_dir=cache_dir)
     if distributed:
         dist_utils.check_same_inputs(keys)
     first: dict[str, int] = {}

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from nearid_metric._console import stderr_logging
 from nearid_metric._version import __version__
-from nearid_metric.cache import ArrayStore, content_keys
+from nearid_metric.cache import HASH_MEMO, ArrayStore, content_keys
 from nearid_metric.data import MTGSample, NearIDSample, image_source_key, nearid_similarities, unique_images
 from nearid_metric.hub import CHECKPOINT_FILES, file_sha256, resolve_checkpoint
 from nearid_metric.images import ImageLoadError, ImageSource, load_image
@@ -895,7 +895,7 @@ def _open_feature_cache(config: TrainConfig, model: _Model, images: Sequence[Ima
     _barrier(world)
     if store is None:
         store = open_store(verify=False)
-    keys, unreadable = _shared_content_keys(images, rank, world)
+    keys, unreadable = _shared_content_keys(images, rank, world, memo=Path(config.cache_dir) / HASH_MEMO)
     if any(key is not None and key not in store for key in keys):
         trunk.to(model.device)
         decode = build_feature_cache(model, images, keys, store, preprocess, num_workers=config.num_workers,
@@ -914,11 +914,12 @@ def _open_feature_cache(config: TrainConfig, model: _Model, images: Sequence[Ima
     return store, keys
 
 
-def _shared_content_keys(images: Sequence[ImageSource], rank: int, world: int
+def _shared_content_keys(images: Sequence[ImageSource], rank: int, world: int, *, memo: Path
                          ) -> tuple[list[str | None], dict[int, str]]:
-    """:func:`~nearid_metric.cache.content_keys` of ``images``, each rank hashing every ``world``-th file."""
+    """:func:`~nearid_metric.cache.content_keys` of ``images`` (hashes remembered in ``memo``),
+    each rank hashing every ``world``-th file."""
     mine = list(range(rank, len(images), world))
-    keys, failures = content_keys([images[i] for i in mine])
+    keys, failures = content_keys([images[i] for i in mine], memo=memo)
     if world == 1:
         return keys, failures
     shares: list[Any] = [None] * world
