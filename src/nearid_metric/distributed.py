@@ -15,6 +15,7 @@ import hashlib
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -32,25 +33,29 @@ def missing_torchrun_variables() -> list[str]:
     return [name for name in TORCHRUN_VARIABLES if name not in os.environ]
 
 
-@contextmanager
-def process_group(device: str | None) -> Iterator[torch.device]:
-    """Join the ``torchrun`` process group for one command; yields this rank's device.
+def rank_device(device: str | None) -> torch.device:
+    """This process's device: ``cuda:<LOCAL_RANK>`` for None or ``"cuda"`` when CUDA is available;
+    an explicit device (``cpu``, ``cuda:1``) as given; else CPU."""
+    if device in (None, "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device(device or "cpu")
 
-    ``device`` None or ``"cuda"`` means ``cuda:<LOCAL_RANK>`` when CUDA is available (NCCL),
-    else CPU (gloo); an explicit device (``cpu``, ``cuda:1``) is used as given.
+
+@contextmanager
+def process_group(device: str | None, *, timeout: timedelta | None = None) -> Iterator[torch.device]:
+    """Join the ``torchrun`` process group for one command; yields this rank's device (:func:`rank_device`).
+
+    NCCL on CUDA, else gloo. ``timeout``: of the collectives (torch's default when None).
     """
     missing = missing_torchrun_variables()
     if missing:
-        raise RuntimeError(f"--distributed needs the environment torchrun sets ({', '.join(missing)} missing); "
-                           f"launch with: torchrun --nproc-per-node N -m nearid_metric.cli REF GEN ...")
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if device in (None, "cuda") and torch.cuda.is_available():
-        chosen = torch.device("cuda", local_rank)
-    else:
-        chosen = torch.device(device or "cpu")
+        raise RuntimeError(f"this needs the environment torchrun sets ({', '.join(missing)} missing); "
+                           f"launch it with: torchrun --nproc-per-node N -m MODULE ...")
+    chosen = rank_device(device)
     if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
-    dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo", init_method="env://")
+    options = {} if timeout is None else {"timeout": timeout}
+    dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo", init_method="env://", **options)
     try:
         yield chosen
     finally:

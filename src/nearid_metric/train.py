@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from nearid_metric._console import stderr_logging
 from nearid_metric._version import __version__
 from nearid_metric.cache import HASH_MEMO, ArrayStore, content_keys
 from nearid_metric.data import MTGSample, NearIDSample, image_source_key, nearid_similarities, unique_images
+from nearid_metric.distributed import launched_by_torchrun, process_group, rank_device
 from nearid_metric.hub import CHECKPOINT_FILES, file_sha256, resolve_checkpoint
 from nearid_metric.images import ImageLoadError, ImageSource, load_image
 from nearid_metric.model import VisionConfig, export_checkpoint, load_checkpoint_trunk
@@ -709,24 +711,6 @@ def _rates(result: dict[str, Any]) -> dict[str, Any]:
 # --- the run ---------------------------------------------------------------------------------------
 
 
-def _init_distributed(device: str | None) -> tuple[int, int, torch.device, bool]:
-    """``(rank, world, device, started)``: joins the process group that ``torchrun`` describes."""
-    from datetime import timedelta
-
-    started = False
-    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        backend = "nccl" if torch.cuda.is_available() and (device is None or device.startswith("cuda")) else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(hours=1))  # rank 0 evaluates alone each epoch
-        started = True
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    if device is None and torch.cuda.is_available() and world > 1:
-        chosen = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(chosen)
-    else:
-        chosen = pick_device(device)
-    return rank, world, chosen, started
-
-
 def _barrier(world: int) -> None:
     if world > 1:
         dist.barrier()
@@ -738,12 +722,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
     Under ``torchrun`` every rank runs this; rank 0 evaluates, checkpoints and exports.
     """
     check_config(config)
-    rank, world, device, started = _init_distributed(config.device)
-    try:
-        return _train(config, rank, world, device)
-    finally:
-        if started:
-            dist.destroy_process_group()
+    if launched_by_torchrun() and not dist.is_initialized():
+        with process_group(config.device, timeout=timedelta(hours=1)) as device:  # rank 0 evaluates alone
+            return _train(config, dist.get_rank(), dist.get_world_size(), device)
+    if dist.is_initialized() and dist.get_world_size() > 1:  # the caller's process group
+        return _train(config, dist.get_rank(), dist.get_world_size(), rank_device(config.device))
+    return _train(config, 0, 1, pick_device(config.device))
 
 
 def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> dict[str, Any]:
