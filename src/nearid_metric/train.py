@@ -42,9 +42,9 @@ from nearid_metric.cache import HASH_MEMO, ArrayStore, content_keys
 from nearid_metric.data import MTGSample, NearIDSample, image_source_key, nearid_similarities, unique_images
 from nearid_metric.distributed import launched_by_torchrun, process_group, rank_device
 from nearid_metric.hub import CHECKPOINT_FILES, file_sha256, resolve_checkpoint
-from nearid_metric.images import ImageLoadError, ImageSource, load_image
+from nearid_metric.images import ImageSource
 from nearid_metric.model import VisionConfig, export_checkpoint, load_checkpoint_trunk
-from nearid_metric.preprocess import PreprocessConfig, normalization_table, normalize_uint8, resize_to_uint8
+from nearid_metric.preprocess import PreprocessConfig, normalization_table, normalize_uint8
 from nearid_metric.protocol import score_nearid_samples
 from nearid_metric.scorer import _collate, _ImageDataset, pick_device
 
@@ -524,7 +524,8 @@ class _Batches(Dataset):
                  images: Sequence[ImageSource], preprocess: PreprocessConfig,
                  store: ArrayStore | None, keys: Sequence[str | None] | None):
         self.batches, self.slots, self.identities = batches, slots, identities
-        self.images, self.preprocess, self.store, self.keys = images, preprocess, store, keys
+        self.decoded = _ImageDataset(images, [preprocess])  # decoding and its errors, as when scoring
+        self.preprocess, self.store, self.keys = preprocess, store, keys
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -537,16 +538,9 @@ class _Batches(Dataset):
         if self.store is not None:
             features = {"tokens": torch.from_numpy(self.store.get([self.keys[r] for r in unique]))}
         else:
-            pixels = []
-            for row in unique:
-                try:
-                    pixels.append(resize_to_uint8(load_image(self.images[row]), self.preprocess))
-                except ImageLoadError as e:
-                    failed[int(row)] = e.reason
-                except Exception as e:  # decodes but cannot be converted: still only this image is lost
-                    failed[int(row)] = f"cannot preprocess ({type(e).__name__}: {e})"
+            _, pixels, failed = _collate([self.decoded[int(row)] for row in unique])
             empty = torch.empty((0, 3, self.preprocess.height, self.preprocess.width), dtype=torch.uint8)
-            features = {"pixels": torch.stack(pixels) if pixels else empty}
+            features = {"pixels": empty if pixels is None else pixels[0]}
         unique = unique[~np.isin(unique, list(failed))]
         local = np.full(rows.shape, -1, dtype=np.int64)
         present = np.isin(rows, unique)
