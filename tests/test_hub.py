@@ -124,6 +124,22 @@ def test_registry_entry():
     assert entry["embed_dim"] == 1152 and entry["image_size"] == 384
 
 
+def test_checkpoint_sha256_reads_an_unchanged_file_once(tmp_path, monkeypatch):
+    import nearid_metric.hub as hub
+
+    read, real = [], hub.file_sha256
+    monkeypatch.setattr(hub, "file_sha256", lambda path: read.append(path) or real(path))
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"a" * 64)
+    first = hub.checkpoint_sha256(weights)
+    assert first == hashlib.sha256(b"a" * 64).hexdigest()
+    assert hub.checkpoint_sha256(tmp_path / "." / "model.safetensors") == first and len(read) == 1
+    weights.write_bytes(b"b" * 64)  # same size, new content and a new mtime: hashed again
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    assert hub.checkpoint_sha256(weights) == hashlib.sha256(b"b" * 64).hexdigest() and len(read) == 2
+
+
 def test_file_sha256(tmp_path, checkpoint_dir):
     path = checkpoint_dir / "model.safetensors"
     assert file_sha256(path) == sha256_of(path)

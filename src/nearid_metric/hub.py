@@ -145,7 +145,7 @@ def verify_sha256(folder: Path, expected: dict[str, str], where: str, files: tup
         path = folder / name
         if (files is not None and name not in files) or not path.is_file():
             continue
-        found = file_sha256(path)
+        found = checkpoint_sha256(path)
         if found != want.lower():
             raise ChecksumError(
                 f"refusing {path}: its sha256 is {found}, but {where} expects {want.lower()}. The file was changed "
@@ -194,7 +194,7 @@ def download_checkpoint(name: str, revision: str | None = None, files: tuple[str
     entry = registry().get(name)
     files = tuple(entry["files"]) if entry else files
     checkpoint = resolve_checkpoint(name, revision, files)
-    hashes = {file: file_sha256(checkpoint.folder / file) for file in files}
+    hashes = {file: checkpoint_sha256(checkpoint.folder / file) for file in files}
     recorded = recorded_sha256(checkpoint.source, checkpoint.revision, revision or (entry or {}).get("revision"))
     if to is None:
         return Download(checkpoint, hashes, recorded)
@@ -225,3 +225,20 @@ def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
         while chunk := f.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def checkpoint_sha256(path: str | os.PathLike) -> str:
+    """:func:`file_sha256` of a checkpoint file, read once per process while the file is unchanged.
+
+    A load verifies the weights and then names them in the scorer's signature; both need the
+    hash of the same (about 1 GB) file. A file whose path, inode, size, mtime or ctime changed
+    is hashed again.
+    """
+    st = os.stat(path)
+    return _hash_of_unchanged_file(os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+                                   st.st_ctime_ns)
+
+
+@cache
+def _hash_of_unchanged_file(path: str, *stat: int) -> str:
+    return file_sha256(path)

@@ -33,7 +33,7 @@ from nearid_metric import distributed as dist_utils
 from nearid_metric._version import __version__
 from nearid_metric.batching import auto_batch_size, forward_in_chunks
 from nearid_metric.embedding_cache import EmbeddingCache, image_keys
-from nearid_metric.hub import Checkpoint, file_sha256
+from nearid_metric.hub import Checkpoint, checkpoint_sha256
 from nearid_metric.images import EncodedImage, ImageLoadError, load_image
 from nearid_metric.preprocess import PreprocessConfig, normalization_table, normalize_uint8, resize_to_uint8
 
@@ -381,7 +381,7 @@ def check_precision(precision: str) -> None:
 
 def signature(kind: str, checkpoint: Checkpoint, precision: str, weights_file: str = "model.safetensors") -> str:
     """``kind:source@revision|sha256:<12 hex of the weights file>|precision|v<package version>``."""
-    digest = file_sha256(checkpoint.folder / weights_file)[:12]
+    digest = checkpoint_sha256(checkpoint.folder / weights_file)[:12]
     return f"{kind}:{checkpoint.source}@{checkpoint.revision}|sha256:{digest}|{precision}|v{__version__}"
 
 

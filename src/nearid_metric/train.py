@@ -41,7 +41,7 @@ from nearid_metric._version import __version__
 from nearid_metric.cache import HASH_MEMO, ArrayStore, content_keys
 from nearid_metric.data import MTGSample, NearIDSample, image_source_key, nearid_similarities, unique_images
 from nearid_metric.distributed import launched_by_torchrun, process_group, rank_device
-from nearid_metric.hub import CHECKPOINT_FILES, file_sha256, resolve_checkpoint
+from nearid_metric.hub import CHECKPOINT_FILES, checkpoint_sha256, resolve_checkpoint
 from nearid_metric.images import ImageSource
 from nearid_metric.model import VisionConfig, export_checkpoint, load_checkpoint_trunk
 from nearid_metric.preprocess import PreprocessConfig, normalization_table, normalize_uint8
@@ -857,7 +857,7 @@ def _open_feature_cache(config: TrainConfig, model: _Model, images: Sequence[Ima
                         failures: dict[str, str]) -> tuple[ArrayStore, list[str | None]]:
     """Open the feature cache, fill in what it lacks (shared over ranks), and return it with each image's key."""
     trunk = model.trunk
-    signature = (f"nearid-train trunk tokens|weights sha256:{file_sha256(base_folder / 'model.safetensors')}"
+    signature = (f"nearid-train trunk tokens|weights sha256:{checkpoint_sha256(base_folder / 'model.safetensors')}"
                  f"|{preprocess}|compute:{_precision_name(model.autocast)}")
     shape = (trunk.patch_embed.num_patches, trunk.num_features)
     dtype = np.dtype(_STORE_DTYPES[config.cache_dtype])
