@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -83,11 +83,11 @@ def content_keys(images: Sequence[ImageSource], *, num_threads: int = 8,
     unreadable image) and ``{index: reason}`` for those.
     """
     memo_db = FileHashMemo(memo) if memo is not None else None
-    known = memo_db.lookup(images) if memo_db is not None else [None] * len(images)
+    states = memo_db.lookup(images) if memo_db is not None else [None] * len(images)
 
     def one(n: int) -> str | ImageLoadError:
-        if known[n] is not None and known[n][0] is not None:
-            return known[n][0]  # remembered
+        if states[n] is not None and states[n].sha256 is not None:
+            return states[n].sha256  # remembered
         try:
             return content_key(images[n])
         except ImageLoadError as e:
@@ -96,10 +96,19 @@ def content_keys(images: Sequence[ImageSource], *, num_threads: int = 8,
     with ThreadPoolExecutor(max(1, num_threads)) as pool:
         results = list(pool.map(one, range(len(images))))
     if memo_db is not None:
-        memo_db.record([(images[n], known[n][1], key) for n, key in enumerate(results)
-                                   if known[n] is not None and known[n][0] is None and isinstance(key, str)])
+        memo_db.record([(states[n], key) for n, key in enumerate(results)
+                        if states[n] is not None and states[n].sha256 is None and isinstance(key, str)])
     failures = {i: r.reason for i, r in enumerate(results) if isinstance(r, ImageLoadError)}
     return [None if isinstance(r, ImageLoadError) else r for r in results], failures
+
+
+class FileState(NamedTuple):
+    """A file as :meth:`FileHashMemo.lookup` found it."""
+
+    path: str  # resolved
+    stat: str  # device:inode:size:mtime_ns:ctime_ns
+    changed_ns: int  # the later of mtime and ctime
+    sha256: str | None  # remembered for exactly this stat, else None
 
 
 class FileHashMemo:
@@ -122,17 +131,19 @@ class FileHashMemo:
                    "sha256 TEXT NOT NULL)")
         return db
 
-    def lookup(self, images: Sequence[ImageSource]) -> list[tuple[str | None, str] | None]:
-        """Per image: None (not a file, or cannot be stat-ed), else ``(remembered sha256 or None, its stat)``."""
-        out: list[tuple[str | None, str] | None] = [None] * len(images)
+    def lookup(self, images: Sequence[ImageSource]) -> list[FileState | None]:
+        """Per image: None (not a file, or cannot be stat-ed), else its :class:`FileState`."""
+        out: list[FileState | None] = [None] * len(images)
         files: dict[str, list[int]] = {}
         for n, image in enumerate(images):
             if isinstance(image, (str, os.PathLike)):
                 try:
                     path = os.path.realpath(image)
-                    out[n] = (None, _stat_signature(os.stat(path)))
+                    st = os.stat(path)
                 except OSError:
                     continue  # hashing reports why
+                stat = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+                out[n] = FileState(path, stat, max(st.st_mtime_ns, st.st_ctime_ns), None)
                 files.setdefault(path, []).append(n)
         if not files:
             return out
@@ -145,20 +156,17 @@ class FileHashMemo:
                                       f"({','.join('?' * len(chunk))})", chunk).fetchall()
                     for path, stat, digest in rows:
                         for n in files[path]:
-                            if out[n][1] == stat:
-                                out[n] = (digest, stat)
+                            if out[n].stat == stat:
+                                out[n] = out[n]._replace(sha256=digest)
         except sqlite3.Error as e:
             logger.warning("file hash memo %s is unusable (%s); hashing every file", self.path, e)
         return out
 
-    def record(self, entries: Sequence[tuple[ImageSource, str, str]]) -> None:
-        """Remember ``(file, stat signature from lookup, sha256)``, unless the file changed too recently."""
+    def record(self, entries: Sequence[tuple[FileState, str]]) -> None:
+        """Remember ``(file as found by lookup, its sha256)``, unless the file changed too recently."""
         now = time.time_ns()
-        rows = []
-        for image, stat, digest in entries:
-            changed = max(int(part) for part in stat.split(":")[3:5])  # mtime_ns, ctime_ns
-            if now - changed > RACY_SECONDS * 1e9:
-                rows.append((os.path.realpath(image), stat, digest))
+        rows = [(state.path, state.stat, digest) for state, digest in entries
+                if now - state.changed_ns > RACY_SECONDS * 1e9]
         if not rows:
             return
         try:
@@ -166,10 +174,6 @@ class FileHashMemo:
                 db.executemany("INSERT OR REPLACE INTO hashes (path, stat, sha256) VALUES (?, ?, ?)", rows)
         except sqlite3.Error as e:
             logger.warning("cannot update the file hash memo %s (%s)", self.path, e)
-
-
-def _stat_signature(st: os.stat_result) -> str:
-    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
@@ -255,12 +259,15 @@ class ArrayStore:
         with ThreadPoolExecutor(min(VERIFY_THREADS, max(1, len(new)))) as pool:  # hashing releases the GIL
             found = list(pool.map(self._read_part, new))
         for path, keys in zip(new, found):
-            if keys is None:
-                continue
-            number = len(self._parts)
-            self._parts.append(path)
-            for row, key in enumerate(keys):
-                self._index.setdefault(key, (number, row))
+            if keys is not None:
+                self._add_part(path, keys)
+
+    def _add_part(self, path: Path, keys: Sequence[str]) -> None:
+        """Index a part's rows (a key already indexed keeps its first row)."""
+        number = len(self._parts)
+        self._parts.append(path)
+        for row, key in enumerate(keys):
+            self._index.setdefault(key, (number, row))
 
     def _read_part(self, path: Path) -> list[str] | None:
         """The keys of a part; None (after warning and renaming it ``*.corrupt``) if it is damaged."""
@@ -358,10 +365,7 @@ class ArrayStore:
         path = self.folder / f"part-{self._writer}-{self._written:05d}{PART_SUFFIX}"
         _write_atomic(path, lambda tmp: save_file({TENSOR: array}, tmp, metadata=meta))
         self._written += 1
-        number = len(self._parts)
-        self._parts.append(path)
-        for row, key in enumerate(keys):
-            self._index.setdefault(key, (number, row))
+        self._add_part(path, keys)
         self._buffer.clear()
 
     def close(self) -> None:
