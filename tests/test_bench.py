@@ -19,7 +19,7 @@ import pytest
 from conftest import random_image
 
 from nearid_metric import bench, data
-from nearid_metric.bench import main
+from nearid_metric.cli.bench import main
 from nearid_metric.images import EncodedImage
 from nearid_metric.protocol import pool_groups, score_mtg_samples, score_nearid_groups, score_nearid_samples
 

@@ -180,7 +180,7 @@ def test_several_scorers_share_one_pass_and_cache(images, checkpoint_dir, clip_f
 
 def test_cli_cache_flag(images, checkpoint_dir, tmp_path, monkeypatch):
     import nearid_metric.scorer as scorer_module
-    from nearid_metric.cli import main
+    from nearid_metric.cli.score import main
 
     ref, gen = tmp_path / "ref", tmp_path / "gen"
     ref.mkdir(), gen.mkdir()

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import random_image
 
-from nearid_metric.cli import main
+from nearid_metric.cli.score import main
 
 
 def png_bomb(path: Path, width: int = 20000, height: int = 20000) -> None:
@@ -252,7 +252,7 @@ def test_two_nearid_checkpoints_get_distinct_columns(tmp_path, checkpoint_dir, c
 
 def test_parse_models_columns_names_and_weights():
     """Bare scorer names load their default weights (None), NAME=WEIGHTS pins them, other items are NearID weights."""
-    from nearid_metric.cli import parse_models
+    from nearid_metric.cli.common import parse_models
 
     assert parse_models("nearid") == [("nearid", "nearid", None)]
     assert parse_models(" clip-i , dinov2,siglip2-mean ") == [("clip-i", "clip-i", None), ("dinov2", "dinov2", None),
@@ -268,10 +268,11 @@ def test_parse_models_columns_names_and_weights():
 
 def test_bare_model_names_build_default_weights(monkeypatch, tmp_path):
     """--model clip-i,dinov2 asks create_scorer for each scorer's default weights (pretrained=None)."""
-    import nearid_metric.cli as cli
+    import nearid_metric.cli.common as common_module
+    import nearid_metric.cli.score as cli
 
     calls = []
-    monkeypatch.setattr(cli, "create_scorer", lambda name, **kwargs: calls.append((name, kwargs)) or name)
+    monkeypatch.setattr(common_module, "create_scorer", lambda name, **kwargs: calls.append((name, kwargs)) or name)
     parser = cli.build_parser()
     args = parser.parse_args([str(tmp_path), str(tmp_path), "--model", "clip-i,dinov2=/w/dino", "--device", "cpu",
                               "--precision", "bf16", "--compile"])

@@ -13,7 +13,8 @@ import torch
 from conftest import random_image
 
 from nearid_metric import NearIDMetric, bench
-from nearid_metric.cli import main as score_main
+from nearid_metric.cli.bench import main as bench_main
+from nearid_metric.cli.score import main as score_main
 from nearid_metric.protocol import score_mtg_samples, score_nearid_samples
 from nearid_metric.stats import bootstrap_ci, bootstrap_ratio_ci
 
@@ -153,7 +154,7 @@ def nearid_csv(path: Path, rng: np.random.Generator) -> Path:
 def test_bench_tables_have_ssr_pa_intervals_from_the_samples(tmp_path, capsys):
     path = nearid_csv(tmp_path / "judge.csv", np.random.default_rng(0))
     out = tmp_path / "out"
-    assert bench.main(["--from-csv", str(path), "--out", str(out)]) == 0
+    assert bench_main(["--from-csv", str(path), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     rows = json.loads((out / "table.json").read_text())["rows"]
     easy, mixed, pooled = rows
@@ -188,7 +189,7 @@ def test_bench_tables_have_ssr_pa_intervals_from_the_samples(tmp_path, capsys):
 
 def test_bench_ci_none_and_seed(tmp_path, capsys):
     path = nearid_csv(tmp_path / "judge.csv", np.random.default_rng(1))
-    assert bench.main(["--from-csv", str(path), "--out", str(tmp_path / "none"), "--ci", "none"]) == 0
+    assert bench_main(["--from-csv", str(path), "--out", str(tmp_path / "none"), "--ci", "none"]) == 0
     assert "CI95" not in capsys.readouterr().out
     rows = read_csv(tmp_path / "none" / "table.csv")
     assert all(row[key] == "" for row in rows for key in ("SSR_ci_low", "PA_ci_high"))

@@ -17,7 +17,7 @@ from test_train_run import settings, step_losses, write_identities
 
 from nearid_metric import NearIDScore
 from nearid_metric.scorer import score_pairs
-from nearid_metric.train import train
+from nearid_metric.train.loop import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -19,17 +19,14 @@ from PIL import Image
 from nearid_metric.data import (
     MTGSample,
     NearIDSample,
-    mtg_oracles,
-    mtg_similarities,
-    nearid_similarities,
     read_mtg_hf,
     read_mtg_parquet,
     read_nearid_folder,
     read_nearid_hf,
     read_nearid_parquet,
-    unique_images,
 )
 from nearid_metric.images import EncodedImage, ImageLoadError, load_image
+from nearid_metric.similarity import mtg_oracles, mtg_similarities, nearid_similarities, unique_images
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")

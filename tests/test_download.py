@@ -22,7 +22,7 @@ import torch
 from conftest import hf_cache_layout, random_image
 
 from nearid_metric import create_scorer, hub
-from nearid_metric.cli import main
+from nearid_metric.cli.score import main
 from nearid_metric.hub import RECORD_FILE, ChecksumError, file_sha256, recorded_sha256, resolve_checkpoint
 
 COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
@@ -200,7 +200,7 @@ OFFLINE_SCRIPT = textwrap.dedent(
     socket.socket.connect = no_network
     socket.create_connection = no_network
     from nearid_metric import create_scorer, hub
-    from nearid_metric.cli import main
+    from nearid_metric.cli.score import main
 
     hub.registry()["tiny"] = json.loads(sys.argv[1])
     code = main(["download", "--model", "nearid=tiny"])

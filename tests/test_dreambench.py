@@ -19,6 +19,8 @@ import pytest
 from PIL import Image
 
 from nearid_metric import dreambench as db
+from nearid_metric import dreambench_data as dbdata
+from nearid_metric.cli.dreambench import main as dreambench_main
 
 scipy_stats = pytest.importorskip("scipy.stats")
 
@@ -311,7 +313,7 @@ def test_combine_categories():
 
 def test_load_ratings_keeps_order(tmp_path):
     data = {"style_00_a-0": 4, "object_00_cup-1": 0, "object_00_cup-0": 2.5}
-    ratings = db.load_ratings(write_json(tmp_path / "m-cp.json", data))
+    ratings = dbdata.load_ratings(write_json(tmp_path / "m-cp.json", data))
     assert list(ratings.items()) == [("style_00_a-0", 4.0), ("object_00_cup-1", 0.0), ("object_00_cup-0", 2.5)]
 
 
@@ -330,7 +332,7 @@ def test_load_ratings_keeps_order(tmp_path):
 def test_malformed_rating_files_name_the_file(tmp_path, content, message):
     path = write_json(tmp_path / "emu2-cp.json", content)
     with pytest.raises(ValueError, match=message) as e:
-        db.load_ratings(path)
+        dbdata.load_ratings(path)
     assert str(e.value).startswith(str(path))
 
 
@@ -338,7 +340,7 @@ def test_non_utf8_rating_file(tmp_path):
     path = tmp_path / "bad-cp.json"
     path.write_bytes(b'{"object_00_cup-0": 1, "\xff": 2}')
     with pytest.raises(ValueError, match="not a valid UTF-8 JSON file") as e:
-        db.load_ratings(path)
+        dbdata.load_ratings(path)
     assert str(path) in str(e.value)
 
 
@@ -354,7 +356,7 @@ def rating_tree(root: Path, methods=("emu2", "blip_diffusion"), extra_group1=())
 @pytest.mark.parametrize("entry", ["data_human_rating", "data_human_rating/merged_data"])
 def test_load_rating_tree(tmp_path, entry):
     rating_tree(tmp_path)
-    ratings = db.load_rating_tree(tmp_path / entry)
+    ratings = dbdata.load_rating_tree(tmp_path / entry)
     assert list(ratings) == ["blip_diffusion", "emu2"]  # METHODS order
     group1, group2 = ratings["emu2"]
     assert set(group1.values()) == {1.0} and set(group2.values()) == {3.0} and len(group1) == 4
@@ -363,59 +365,59 @@ def test_load_rating_tree(tmp_path, entry):
 def test_load_rating_tree_folder_holding_the_groups(tmp_path):
     for group in ("group1", "group2"):
         write_json(tmp_path / "here" / group / "new_method-cp.json", {"object_00_cup-0": 2})
-    assert list(db.load_rating_tree(tmp_path / "here")) == ["new_method"]
+    assert list(dbdata.load_rating_tree(tmp_path / "here")) == ["new_method"]
 
 
 def test_load_rating_tree_errors(tmp_path):
     rating_tree(tmp_path, extra_group1=("dreambooth_sd",))
     with pytest.raises(ValueError, match=r"one group only: dreambooth_sd \(only in group1\)"):
-        db.load_rating_tree(tmp_path / "data_human_rating")
+        dbdata.load_rating_tree(tmp_path / "data_human_rating")
     with pytest.raises(ValueError, match="found no group1/ and group2/ folders"):
-        db.load_rating_tree(tmp_path)
+        dbdata.load_rating_tree(tmp_path)
     (tmp_path / "empty" / "group1").mkdir(parents=True)
     (tmp_path / "empty" / "group2").mkdir()
     with pytest.raises(ValueError, match="no \\*-cp.json rating files"):
-        db.load_rating_tree(tmp_path / "empty")
+        dbdata.load_rating_tree(tmp_path / "empty")
 
 
 def test_save_and_load_scores(tmp_path, caplog):
     scores = {"style_00_a-0_0": 71.25, "object_20_rubik's_cube-3_0": -3.5, "object_00_cup-0_0": np.float32(0.5)}
-    path = db.save_scores(tmp_path / "out", "emu2", scores, "nearid|sig-1")
+    path = dbdata.save_scores(tmp_path / "out", "emu2", scores, "nearid|sig-1")
     assert path == tmp_path / "out" / "emu2.json"
     on_disk = json.loads(path.read_text())
     assert list(on_disk.items()) == [(k, float(v)) for k, v in scores.items()]  # flat, order kept
-    assert db.load_scores(path) == on_disk
-    assert db.load_signatures(tmp_path / "out") == {"emu2": "nearid|sig-1"}
-    db.save_scores(tmp_path / "out", "blip_diffusion", {"object_00_cup-0_0": 1.0}, "nearid|sig-1")
+    assert dbdata.load_scores(path) == on_disk
+    assert dbdata.load_signatures(tmp_path / "out") == {"emu2": "nearid|sig-1"}
+    dbdata.save_scores(tmp_path / "out", "blip_diffusion", {"object_00_cup-0_0": 1.0}, "nearid|sig-1")
     assert caplog.text == ""
     with caplog.at_level(logging.WARNING, logger="nearid_metric.dreambench"):
-        db.save_scores(tmp_path / "out", "dreambooth_sd", {"object_00_cup-0_0": 1.0}, "other")
+        dbdata.save_scores(tmp_path / "out", "dreambooth_sd", {"object_00_cup-0_0": 1.0}, "other")
     assert "blip_diffusion, emu2 were scored with a different signature" in caplog.text
-    assert db.load_signatures(tmp_path / "out") == {"emu2": "nearid|sig-1", "blip_diffusion": "nearid|sig-1",
+    assert dbdata.load_signatures(tmp_path / "out") == {"emu2": "nearid|sig-1", "blip_diffusion": "nearid|sig-1",
                                                     "dreambooth_sd": "other"}
-    folder = db.load_score_folder(tmp_path / "out")
+    folder = dbdata.load_score_folder(tmp_path / "out")
     assert list(folder) == ["dreambooth_sd", "blip_diffusion", "emu2"]  # METHODS order, sidecar skipped
     assert folder["emu2"] == on_disk
 
 
 def test_save_scores_refuses_bad_input(tmp_path):
     with pytest.raises(ValueError, match="not finite for 1 keys: object_00_cup-0_0"):
-        db.save_scores(tmp_path, "emu2", {"object_00_cup-0_0": float("nan")}, "s")
+        dbdata.save_scores(tmp_path, "emu2", {"object_00_cup-0_0": float("nan")}, "s")
     for method in ("signatures", "a/b", ""):
         with pytest.raises(ValueError, match="cannot be a method name"):
-            db.save_scores(tmp_path, method, {"object_00_cup-0_0": 1.0}, "s")
+            dbdata.save_scores(tmp_path, method, {"object_00_cup-0_0": 1.0}, "s")
     assert not list(tmp_path.iterdir())
 
 
 def test_load_scores_errors_name_the_file(tmp_path):
     path = write_json(tmp_path / "emu2.json", '{"object_00_cup-0_0": "high"}')
     with pytest.raises(ValueError, match=r"emu2.json: score for 'object_00_cup-0_0' is 'high'"):
-        db.load_scores(path)
+        dbdata.load_scores(path)
     with pytest.raises(ValueError, match="no <method>.json score files"):
-        db.load_score_folder(tmp_path / "nothing")
+        dbdata.load_score_folder(tmp_path / "nothing")
     write_json(tmp_path / "sig" / "signatures.json", {"emu2": 3})
     with pytest.raises(ValueError, match="signatures.json: expected a JSON object method -> signature"):
-        db.load_signatures(tmp_path / "sig")
+        dbdata.load_signatures(tmp_path / "sig")
 
 
 def test_loaded_files_feed_the_alignment(tmp_path):
@@ -427,10 +429,10 @@ def test_loaded_files_feed_the_alignment(tmp_path):
         s = 50 + 4 * g1 + rng.normal(0, 2, len(keys))
         for group, g in (("group1", g1), ("group2", g2)):
             write_json(tmp_path / "ratings" / group / f"{method}-cp.json", dict(zip(keys, g.tolist())))
-        db.save_scores(tmp_path / "scores", method, dict(zip(metric_keys(keys), s)), "sig")
+        dbdata.save_scores(tmp_path / "scores", method, dict(zip(metric_keys(keys), s)), "sig")
         pairs.append((s, g1, g2))
-    result = db.human_alignment(db.load_score_folder(tmp_path / "scores"),
-                                db.load_rating_tree(tmp_path / "ratings"), "object")
+    result = db.human_alignment(dbdata.load_score_folder(tmp_path / "scores"),
+                                dbdata.load_rating_tree(tmp_path / "ratings"), "object")
     assert result.value == pytest.approx(reference_mh(pairs[::-1]), abs=1e-12)
 
 
@@ -462,7 +464,7 @@ def test_find_runs_maps_ip_adapter_spellings(tmp_path, caplog):
     (samples / ".cache").mkdir()
     (samples / "readme.txt").write_text("x")
     with caplog.at_level(logging.WARNING, logger="nearid_metric.dreambench"):
-        runs = db.find_runs(samples)
+        runs = dbdata.find_runs(samples)
     assert runs == {
         "dreambooth_sd": samples / "dreambooth_sd_lr5e-6",
         "dreambooth_lora_sdxl": samples / "dreambooth_lora_sdxl",
@@ -479,15 +481,15 @@ def test_find_runs_errors(tmp_path):
     make_run(tmp_path / "a", "emu2_seed0")
     make_run(tmp_path / "a", "emu2_seed1")
     with pytest.raises(ValueError, match="two runs for method emu2"):
-        db.find_runs(tmp_path / "a")
+        dbdata.find_runs(tmp_path / "a")
     png(tmp_path / "b" / "blip_diffusion_x" / "src_image" / "object_00_cup" / "0_0.png")
     with pytest.raises(ValueError, match="run of blip_diffusion has no tgt_image/ folder"):
-        db.find_runs(tmp_path / "b")
+        dbdata.find_runs(tmp_path / "b")
     (tmp_path / "c" / "emu2x").mkdir(parents=True)  # no separator after the prefix: not a run
     with pytest.raises(ValueError, match="no run folder named after a DreamBench\\+\\+ method"):
-        db.find_runs(tmp_path / "c")
+        dbdata.find_runs(tmp_path / "c")
     with pytest.raises(ValueError, match="not a folder"):
-        db.find_runs(tmp_path / "missing")
+        dbdata.find_runs(tmp_path / "missing")
 
 
 def test_run_pairs_keys_and_extensions(tmp_path, caplog):
@@ -496,7 +498,7 @@ def test_run_pairs_keys_and_extensions(tmp_path, caplog):
     png(run / "tgt_image" / "style_10_ukiyo-e" / "2_0.jpg")  # another extension pairs by name
     (run / "tgt_image" / "prompts.txt").write_text("x")
     with caplog.at_level(logging.WARNING, logger="nearid_metric.dreambench"):
-        pairs = db.run_pairs(run)
+        pairs = dbdata.run_pairs(run)
     assert [key for key, _, _ in pairs] == [
         "live_subject_animal_00_kitten-0_0", "object_20_rubik's_cube-3_0", "style_10_ukiyo-e-2_0"]
     key, src, tgt = pairs[2]
@@ -512,7 +514,7 @@ def test_run_pairs_reports_unmatched_files(tmp_path):
     extra = png(run / "tgt_image" / "object_00_cup" / "0_1.png")
     missing = png(run / "src_image" / "object_00_cup" / "5_0.png")
     with pytest.raises(ValueError) as e:
-        db.run_pairs(run)
+        dbdata.run_pairs(run)
     message = str(e.value)
     assert f"1 in src_image without a generation: {missing}" in message
     assert f"1 in tgt_image without a reference: {extra}" in message
@@ -522,19 +524,19 @@ def test_run_pairs_refuses_ambiguous_and_empty_runs(tmp_path):
     run = make_run(tmp_path, "emu2")
     png(run / "tgt_image" / "live_subject_animal_00_kitten" / "0_0.jpg")
     with pytest.raises(ValueError, match="is shared by"):
-        db.run_pairs(run)
+        dbdata.run_pairs(run)
     (tmp_path / "empty" / "src_image").mkdir(parents=True)
     (tmp_path / "empty" / "tgt_image").mkdir()
     with pytest.raises(ValueError, match="no images"):
-        db.run_pairs(tmp_path / "empty")
+        dbdata.run_pairs(tmp_path / "empty")
     with pytest.raises(ValueError, match="src_image: missing"):
-        db.run_pairs(tmp_path)
+        dbdata.run_pairs(tmp_path)
 
 
 def test_run_pairs_refuses_key_collisions(tmp_path):
     run = make_run(tmp_path, "emu2", images=("object_00_cup/a-b/0", "object_00_cup/a/b-0"))
     with pytest.raises(ValueError, match="both give the key 'object_00_cup-a-b-0'"):
-        db.run_pairs(run)
+        dbdata.run_pairs(run)
 
 
 # --- the nearid-dreambench command, end to end on a fake DreamBench++ tree ----------------------------
@@ -607,7 +609,7 @@ def tree(tmp_path_factory) -> Tree:
                     write_json(samples / run / "text" / folder / f"{p}_0.txt", "a prompt")
     (samples / RUNS["ip_adapter_plus_vit_h_sdxl"] / "src_image").symlink_to(Path("..") / RUNS["blip_diffusion"] / "src_image")
     ratings = write_ratings(root, RUNS)
-    for method, (g1, g2) in db.load_rating_tree(ratings).items():
+    for method, (g1, g2) in dbdata.load_rating_tree(ratings).items():
         for category in db.CATEGORIES:  # every correlation in the tree is defined
             assert len(set(db.select_category(g1, category).values())) > 1
             assert len(set(db.select_category(g2, category).values())) > 1
@@ -616,7 +618,7 @@ def tree(tmp_path_factory) -> Tree:
 
 
 def run_dreambench(*args) -> int:
-    return db.main([str(a) for a in args] + ["--device", "cpu", "--num-workers", "0", "--no-progress"])
+    return dreambench_main([str(a) for a in args] + ["--device", "cpu", "--num-workers", "0", "--no-progress"])
 
 
 def printed_row(output: str, name: str) -> list[str]:
@@ -624,7 +626,7 @@ def printed_row(output: str, name: str) -> list[str]:
 
 
 def table_rows(out: Path) -> dict[str, dict]:
-    return {row["name"]: row for row in json.loads((out / db.MH_JSON).read_text())["rows"]}
+    return {row["name"]: row for row in json.loads((out / dbdata.MH_JSON).read_text())["rows"]}
 
 
 def test_images_end_to_end_two_models(tree, checkpoint_dir, clip_folder, scorer, tmp_path, monkeypatch, capsys):
@@ -643,22 +645,22 @@ def test_images_end_to_end_two_models(tree, checkpoint_dir, clip_folder, scorer,
     assert len(opened) == len(set(opened)) == tree.distinct_images < tree.distinct_files
     monkeypatch.undo()
 
-    ratings = db.load_rating_tree(tree.ratings)
+    ratings = dbdata.load_rating_tree(tree.ratings)
     clip = create_scorer("clip-i", pretrained=clip_folder, device="cpu")
     rows = table_rows(out)
     assert list(rows) == ["Human-Human", "nearid", "clip-i"]
     for column, model in (("nearid", scorer), ("clip-i", clip)):
-        assert db.load_signatures(out / column) == dict.fromkeys(RUNS, model.signature)
+        assert dbdata.load_signatures(out / column) == dict.fromkeys(RUNS, model.signature)
         assert rows[column]["signatures"] == dict.fromkeys(RUNS, model.signature)
         for method, run in RUNS.items():
             saved = json.loads((out / column / f"{method}.json").read_text())
             assert [db.canonical_key(k) for k in saved] == list(ratings[method][0])  # the rating file's order
-            files = {key: (ref, gen) for key, ref, gen in db.run_pairs(tree.samples / run)}
+            files = {key: (ref, gen) for key, ref, gen in dbdata.run_pairs(tree.samples / run)}
             assert set(saved) == set(files)  # the run's own keys (rubik's_cube for emu2, image index kept)
             expected = 100 * model.score([files[k][0] for k in saved], [files[k][1] for k in saved])
             assert np.allclose(list(saved.values()), expected.numpy(), atol=1e-4)
 
-        folder = db.load_score_folder(out / column)
+        folder = dbdata.load_score_folder(out / column)
         mh = {c: db.human_alignment(folder, ratings, c).value for c in db.CATEGORIES}
         for c in db.CATEGORIES:
             # the reference's way: values by position (score files follow the rating files' order)
@@ -674,7 +676,7 @@ def test_images_end_to_end_two_models(tree, checkpoint_dir, clip_folder, scorer,
     assert rows["Human-Human"]["mh"] == {**human, "overall": db.combine_categories(human)}
     assert "over 3 methods" in printed and "overall" in printed.splitlines()[1]
 
-    with open(out / db.MH_CSV, newline="") as f:
+    with open(out / dbdata.MH_CSV, newline="") as f:
         lines = list(csv.DictReader(f))
     assert len(lines) == 3 * (4 * (3 + 1) + 1)  # rows x (categories x (methods + mean) + overall)
     mean = next(r for r in lines if (r["scorer"], r["category"], r["method"]) == ("nearid", "style", "*"))
@@ -703,17 +705,17 @@ def test_unreadable_image_is_an_error_unless_allowed(tree, checkpoint_dir, tmp_p
     assert f"cannot read {bad}" in err and "emu2 lack scores" in err and "--allow-missing" in err
     assert sorted(p.name for p in (out / "nearid").glob("*.json")) == [
         "blip_diffusion.json", "ip_adapter_plus_vit_h_sdxl.json", "signatures.json"]  # no emu2.json with a hole
-    assert not (out / db.MH_JSON).exists()
+    assert not (out / dbdata.MH_JSON).exists()
 
     assert run_dreambench(*args, "--allow-missing") == 0
     err = capsys.readouterr().err
     assert "nearid, emu2: 1 of 24 rated keys have no score and are left out of MH: style_10_ukiyo-e-1" in err
-    saved = db.load_score_folder(out / "nearid")
+    saved = dbdata.load_score_folder(out / "nearid")
     assert len(saved["emu2"]) == 23 and "style_10_ukiyo-e-1_0" not in saved["emu2"]
     rows = table_rows(out)
     assert rows["nearid"]["missing_keys"] == {"emu2": ["style_10_ukiyo-e-1"]}
     assert [m["n"] for m in rows["nearid"]["per_method"]["style"]] == [6, 5, 6]
-    ratings = db.load_rating_tree(tree.ratings)
+    ratings = dbdata.load_rating_tree(tree.ratings)
     dropped = {m: tuple({k: v for k, v in g.items() if m != "emu2" or k != "style_10_ukiyo-e-1"} for g in groups)
                for m, groups in ratings.items()}
     assert rows["nearid"]["mh"]["style"] == db.human_alignment(saved, dropped, "style").value
@@ -745,10 +747,10 @@ def test_category_and_method_subset(tree, checkpoint_dir, tmp_path, monkeypatch,
     assert len(opened) == 6 * 3 + 2 and all("object_" in str(p) for p in opened)
     captured = capsys.readouterr()
     assert captured.out.splitlines()[1].split() == ["scorer", "object"]  # no overall without all 4 categories
-    saved = db.load_score_folder(out / "nearid")
+    saved = dbdata.load_score_folder(out / "nearid")
     assert list(saved) == list(RUNS) and all(len(s) == 6 for s in saved.values())
     objects = {m: tuple(db.select_category(g, "object") for g in groups)
-               for m, groups in db.load_rating_tree(ratings).items()}
+               for m, groups in dbdata.load_rating_tree(ratings).items()}
     assert table_rows(out)["nearid"]["mh"] == {
         "object": db.human_alignment(saved, objects, "object", methods=list(RUNS)).value}
     # the object-only score files need --category object again; otherwise the other keys are missing
@@ -759,7 +761,7 @@ def test_category_and_method_subset(tree, checkpoint_dir, tmp_path, monkeypatch,
 def vlm_folder(root: Path, ratings: Path, methods=RUNS) -> Path:
     """A VLM judge's scores: human-style keys (no image index), 0-4 integers, no signatures.json."""
     rng = np.random.default_rng(3)
-    for method, (g1, _) in db.load_rating_tree(ratings).items():
+    for method, (g1, _) in dbdata.load_rating_tree(ratings).items():
         if method in methods:
             values = np.clip(np.array(list(g1.values())) + rng.integers(-2, 3, len(g1)), 0, 4)
             write_json(root / "gpt4o" / f"{method}.json", dict(zip(g1, values.tolist())))
@@ -770,7 +772,7 @@ def test_scores_of_a_vlm_judge(tree, tmp_path, capsys):
     vlm = vlm_folder(tmp_path, tree.ratings)
     assert run_dreambench("--scores", vlm, "--ratings", tree.ratings, "--out", tmp_path / "out") == 0
     printed = capsys.readouterr().out
-    scores, ratings = db.load_score_folder(vlm), db.load_rating_tree(tree.ratings)
+    scores, ratings = dbdata.load_score_folder(vlm), dbdata.load_rating_tree(tree.ratings)
     mh = {c: db.human_alignment(scores, ratings, c).value for c in db.CATEGORIES}
     row = table_rows(tmp_path / "out")["gpt4o"]
     assert row["mh"] == {**mh, "overall": db.combine_categories(mh)}
@@ -838,7 +840,7 @@ def test_console_script(tree, tmp_path):
     command = [Path(sys.executable).with_name("nearid-dreambench"), "--scores", vlm, "--ratings", tree.ratings]
     result = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    scores, ratings = db.load_score_folder(vlm), db.load_rating_tree(tree.ratings)
+    scores, ratings = dbdata.load_score_folder(vlm), dbdata.load_rating_tree(tree.ratings)
     overall = db.combine_categories({c: db.human_alignment(scores, ratings, c).value for c in db.CATEGORIES})
     assert printed_row(result.stdout, "gpt4o")[-1] == f"{overall:.3f}"
 
@@ -862,7 +864,7 @@ def test_score_runs_leaves_out_pairs_with_an_unreadable_reference_or_generation(
         "m2": [("object_00_cup-0_0", paths["ref_a"], paths["gen_bad"]),
                ("object_00_cup-1_0", paths["ref_b"], paths["gen_b"])],
     }
-    scores, failures = db.score_runs(runs, {"nearid": scorer})
+    scores, failures = dbdata.score_runs(runs, {"nearid": scorer})
     expected = 100 * scorer.score([paths["ref_a"], paths["ref_b"], paths["ref_b"]],
                                   [paths["gen_a"], paths["gen_c"], paths["gen_b"]])
     assert list(scores) == ["nearid"]

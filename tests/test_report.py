@@ -21,7 +21,7 @@ import pytest
 from conftest import make_reference_model, random_image, write_checkpoint
 from PIL import Image
 
-from nearid_metric.cli import main
+from nearid_metric.cli.score import main
 
 pytest.importorskip("matplotlib", reason="the report needs the 'report' extra (matplotlib)")
 

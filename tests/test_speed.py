@@ -19,7 +19,7 @@ from test_metric import free_port
 
 from nearid_metric import NearIDScore, create_scorer
 from nearid_metric.batching import CPU_PIXELS, CUDA_PIXELS, auto_batch_size, forward_in_chunks
-from nearid_metric.cli import main
+from nearid_metric.cli.score import main
 from nearid_metric.scorer import score_pairs
 
 

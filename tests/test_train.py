@@ -14,7 +14,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from nearid_metric.train import _average_gradients, batch_loss, two_tier_infonce
+from nearid_metric.train.loop import average_gradients
+from nearid_metric.train.loss import batch_loss, two_tier_infonce
 
 # The spawned ranks import this module: the export tests import transformers, timm and the
 # conftest helpers themselves, which keeps each rank's start-up about 4 s shorter.
@@ -202,7 +203,7 @@ def _loss_worker(rank: int, world: int, port: int, out: str) -> None:
         head_loss, _ = two_tier_infonce(*(head(torch.nan_to_num(t.detach())) for t in inputs[:3]), *inputs[3:],
                                         identities=IDENTITIES[mine])
         head_loss.backward()
-        _average_gradients(list(head.parameters()), world)
+        average_gradients(list(head.parameters()), world)
         torch.save({"loss": loss.detach(), "stats": stats, "grads": [t.grad for t in leaves],
                     "head_grads": [p.grad for p in head.parameters()]}, Path(out, f"{rank}.pt"))
     finally:
@@ -268,7 +269,8 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def export_from(trunk, source: Path, folder: Path, **kwargs) -> Path:
-    from nearid_metric.model import VisionConfig, export_checkpoint
+    from nearid_metric.model import VisionConfig
+    from nearid_metric.train.export import export_checkpoint
 
     vision_config = VisionConfig.from_dict(read_json(source / "config.json")["vision_config"])
     return export_checkpoint(trunk, folder, vision_config=vision_config,
@@ -354,7 +356,8 @@ def test_trained_head_survives_export(tmp_path, checkpoint_dir, dtype):
 def test_export_rejects_a_mismatched_config(tmp_path, checkpoint_dir):
     from conftest import TINY_VISION
 
-    from nearid_metric.model import VisionConfig, export_checkpoint, load_checkpoint_trunk
+    from nearid_metric.model import VisionConfig, load_checkpoint_trunk
+    from nearid_metric.train.export import export_checkpoint
 
     trunk = load_checkpoint_trunk(checkpoint_dir, dtype=torch.float32, device="cpu")
     wrong = VisionConfig.from_dict({**TINY_VISION, "intermediate_size": 96})

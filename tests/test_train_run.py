@@ -20,21 +20,15 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from nearid_metric import NearIDScore
-from nearid_metric.data import NearIDSample, nearid_similarities, read_nearid_folder, unique_images
+from nearid_metric.data import NearIDSample, read_nearid_folder
 from nearid_metric.model import load_checkpoint_trunk
 from nearid_metric.preprocess import PreprocessConfig, preprocess
 from nearid_metric.protocol import score_nearid_samples
-from nearid_metric.train import (
-    TrainConfig,
-    config_from_args,
-    epoch_batches,
-    main,
-    mtg_as_nearid,
-    read_config_file,
-    sample_slots,
-    split_samples,
-    train,
-)
+from nearid_metric.cli.train import config_from_args, main
+from nearid_metric.similarity import nearid_similarities, unique_images
+from nearid_metric.train.config import TrainConfig, read_config_file
+from nearid_metric.train.data import epoch_batches, mtg_as_nearid, sample_slots, split_samples
+from nearid_metric.train.loop import train
 
 # --- a synthetic identity task -------------------------------------------------------------------------
 # An identity is a coloured shape; its 3 views put it at random places on 3 grey backgrounds, and

@@ -16,7 +16,7 @@ _EXPORTS = {
     "ImageLoadError": "nearid_metric.images",
     "load_image": "nearid_metric.images",
     "NearIDMetric": "nearid_metric.metric",
-    "NearIDScore": "nearid_metric.scorer",
+    "NearIDScore": "nearid_metric.scorers",
     "Scorer": "nearid_metric.scorer",
     "create_scorer": "nearid_metric.scorers",
     "list_scorers": "nearid_metric.scorers",
@@ -27,8 +27,8 @@ __all__ = ["__version__", *sorted(_EXPORTS)]
 if TYPE_CHECKING:
     from nearid_metric.images import EncodedImage, ImageLoadError, load_image
     from nearid_metric.metric import NearIDMetric
-    from nearid_metric.scorer import NearIDScore, Scorer
-    from nearid_metric.scorers import create_scorer, list_scorers
+    from nearid_metric.scorer import Scorer
+    from nearid_metric.scorers import NearIDScore, create_scorer, list_scorers
 
 
 def __getattr__(name: str):

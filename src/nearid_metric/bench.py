@@ -1,4 +1,4 @@
-"""``nearid-bench``: the NearID and MTG benchmarks, end to end (data -> similarities -> SSR / PA / H).
+"""The NearID and MTG benchmarks, end to end (data -> similarities -> SSR / PA / H), as ``nearid-bench`` runs them.
 
 A run reads benchmark samples (:mod:`nearid_metric.data`), embeds every distinct image once with
 all models in one pass (:func:`nearid_metric.scorer.embed_images`), writes one row of similarity
@@ -15,13 +15,10 @@ model x sample, model after model, samples in reading order.
 
 from __future__ import annotations
 
-import argparse
 import csv
-import json
 import logging
 import math
 import os
-import sys
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -30,10 +27,8 @@ from typing import Any
 import numpy as np
 
 from nearid_metric import data
-from nearid_metric._console import stderr_logging
-from nearid_metric._version import __version__
-from nearid_metric.cli import EXIT_NOTHING_SCORED, EXIT_OK, add_ci_arguments, add_model_arguments, load_scorers
-from nearid_metric.data import MTGSample, NearIDSample, mtg_similarities, nearid_similarities, unique_images
+from nearid_metric.data import MTGSample, NearIDSample
+from nearid_metric.outputs import write_csv, write_json
 from nearid_metric.protocol import (
     MTG_ALIGNMENT,
     MTG_COLUMNS,
@@ -44,6 +39,12 @@ from nearid_metric.protocol import (
     score_nearid_samples,
 )
 from nearid_metric.scorer import Scorer, embed_images
+from nearid_metric.similarity import (
+    mtg_oracles,
+    mtg_similarities,
+    nearid_similarities,
+    unique_images,
+)
 from nearid_metric.stats import BOOTSTRAP_RESAMPLES, CI_LEVEL, bootstrap_ratio_ci
 
 logger = logging.getLogger("nearid_metric")
@@ -104,7 +105,7 @@ def mtg_similarity_table(samples: Sequence[MTGSample], scorers: Mapping[str, Sco
     """
     table, failures = _similarity_table(samples, scorers, mtg_similarities, batch_size=batch_size,
                                         num_workers=num_workers, progress=progress, cache_dir=cache_dir)
-    for name, oracle in zip(ORACLE_COLUMNS, data.mtg_oracles(samples, failures=failures)):
+    for name, oracle in zip(ORACLE_COLUMNS, mtg_oracles(samples, failures=failures)):
         table[name] = np.tile(oracle, len(scorers))
     return table, failures
 
@@ -143,7 +144,7 @@ def nearid_results(table: Mapping[str, Any], *, ci_resamples: int | None = BOOTS
     ``SSR_ci_low`` ... ``PA_ci_high``: 95% percentile bootstrap intervals (:func:`rate_cis`,
     ``ci_resamples`` resamples, seed ``ci_seed``; ``ci_resamples=None``: NaN).
     """
-    signatures = _signatures(table)
+    signatures = model_signatures(table)
     groups = score_nearid_groups(table, by=("model", "group"))
     pooled = {row["model"]: row for row in pool_groups(groups, by="model")}
     models, labels = (np.asarray(table[name], dtype=object) for name in ("model", "group"))
@@ -219,7 +220,7 @@ def mtg_results(table: Mapping[str, Any], *, ci_resamples: int | None = BOOTSTRA
     rates equal the pooled ones). Keys: :data:`MTG_TABLE` plus ``undefined_r``. SSR and PA
     intervals as in :func:`nearid_results` (the ``"all"`` row resamples each group on its own).
     """
-    signatures = _signatures(table)
+    signatures = model_signatures(table)
     models, groups = (np.asarray(table[name], dtype=object) for name in ("model", "group"))
     if any(name not in table for name in ORACLE_COLUMNS):
         logger.warning("no oracle_1/oracle_2 columns: MTG correlations and MO are not computed")
@@ -243,7 +244,14 @@ def mtg_results(table: Mapping[str, Any], *, ci_resamples: int | None = BOOTSTRA
     return out
 
 
-def _signatures(table: Mapping[str, Any]) -> dict[str, str]:
+def benchmark_results(benchmark: str, table: Mapping[str, Any], *, ci_resamples: int | None = BOOTSTRAP_RESAMPLES,
+                      ci_seed: int = 0) -> list[dict[str, Any]]:
+    """:func:`mtg_results` for ``benchmark == "mtg"``, else :func:`nearid_results`."""
+    results = mtg_results if benchmark == "mtg" else nearid_results
+    return results(table, ci_resamples=ci_resamples, ci_seed=ci_seed)
+
+
+def model_signatures(table: Mapping[str, Any]) -> dict[str, str]:
     """Model -> its signature ("" without a signature column), models in order of first appearance."""
     models = [str(m) for m in np.asarray(table["model"], dtype=object).tolist()]
     signatures = ([str(s) for s in np.asarray(table["signature"], dtype=object).tolist()] if "signature" in table
@@ -266,47 +274,52 @@ def _result_row(model: str, group: str, signature: str, result: Mapping[str, Any
     return row
 
 
+def ci_description(resamples: int | None, seed: int) -> dict[str, Any] | None:
+    """How the SSR / PA intervals were computed (``summary.json``); None without intervals (``resamples=None``)."""
+    if resamples is None:
+        return None
+    return {"method": "percentile bootstrap", "level": CI_LEVEL, "resamples": resamples, "seed": seed,
+            "unit": "sample", "pooled": "each group resampled on its own, counts pooled", "rates": list(CI_RATES)}
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], benchmark: str, *, ci: bool = True) -> str:
+    """The printed table: rates in percent with 2 decimals, correlations with 3, NaN as n/a.
+
+    ``ci``: a ``SSR_CI95`` / ``PA_CI95`` column after SSR / PA, ``[low,high]`` (no space, so the
+    table splits on whitespace).
+    """
+    rates = ["SSR", "SSR_CI95", "PA", "PA_CI95"] if ci else ["SSR", "PA"]
+    columns = ["model", "group", *rates, "H", *(["MO", "MO_strict"] if benchmark == "mtg" else []),
+               "n_samples", "n_excluded"]
+
+    def text(key: str, value: Any) -> str:
+        if key.endswith("_CI95"):
+            low, high = (value.get(f"{key[:-5]}_ci_{end}", math.nan) for end in ("low", "high"))
+            return "n/a" if low is None or math.isnan(low) else f"[{low:.2f},{high:.2f}]"
+        if isinstance(value, float):
+            return "n/a" if math.isnan(value) else f"{value:.3f}" if key in CORRELATIONS else f"{value:.2f}"
+        return str(value)
+
+    cells = [columns] + [[text(key, row if key.endswith("_CI95") else row[key]) for key in columns] for row in rows]
+    widths = [max(len(line[k]) for line in cells) for k in range(len(columns))]
+    return "\n".join("  ".join(cell.ljust(w) if k < 2 else cell.rjust(w) for k, (cell, w) in
+                               enumerate(zip(line, widths))).rstrip() for line in cells)
+
+
 # --- files ---------------------------------------------------------------------------------------
-
-
-def _cell(value: Any) -> str:
-    """CSV text of a value: floats as their shortest exact repr, NaN as an empty cell."""
-    if isinstance(value, (float, np.floating)):
-        return "" if math.isnan(value) else repr(float(value))
-    return str(value)
 
 
 def write_similarities(path: str | Path, table: Mapping[str, Any]) -> None:
     """Write a similarity table as CSV: a header, one row per model x sample, NaN as an empty cell."""
     names = list(table)
-    columns = [np.asarray(table[name]).tolist() for name in names]
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(names)
-        writer.writerows([_cell(value) for value in row] for row in zip(*columns))
+    write_csv(path, names, zip(*(np.asarray(table[name]).tolist() for name in names)))
 
 
 def write_results(out: Path, rows: Sequence[Mapping[str, Any]], benchmark: str) -> None:
     """``table.csv`` (floats exact, NaN empty, no ``undefined_r``) and ``table.json`` (NaN as null)."""
     keys = MTG_TABLE if benchmark == "mtg" else NEARID_TABLE
-    with open(out / "table.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(keys)
-        writer.writerows([_cell(row[key]) for key in keys] for row in rows)
-    _write_json(out / "table.json", {"benchmark": benchmark, "rows": list(rows)})
-
-
-def _write_json(path: Path, content: Any) -> None:
-    def plain(value: Any) -> Any:
-        if isinstance(value, float) and math.isnan(value):
-            return None
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        return value
-
-    path.write_text(json.dumps(plain(content), indent=2) + "\n", encoding="utf-8")
+    write_csv(out / "table.csv", keys, ([row[key] for key in keys] for row in rows))
+    write_json(out / "table.json", {"benchmark": benchmark, "rows": list(rows)})
 
 
 def read_similarities(paths: Sequence[str | Path]) -> tuple[str, Table]:
@@ -368,7 +381,7 @@ def read_similarities(paths: Sequence[str | Path]) -> tuple[str, Table]:
                                    else np.asarray(part.get(name, [math.nan] * len(part["model"])), dtype=np.float64)
                                    for part in parts]) for name in names}
     try:
-        _signatures(table)
+        model_signatures(table)
     except ValueError as e:
         raise ValueError(f"{', '.join(map(str, paths))}: {e}") from None
     return benchmark, table
@@ -397,116 +410,55 @@ def _number(cell: str, path: Path, line: int, name: str) -> float:
     return value
 
 
-# --- the command ---------------------------------------------------------------------------------
+# --- samples -------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="nearid-bench",
-        description="Run scorers over the NearID or MTG benchmark: per-sample similarities (each image embedded "
-                    "once per model) and SSR / PA / H per model and group, in percent. Give one data source.",
-    )
-    source = parser.add_argument_group("data (one source per run)")
-    source.add_argument("--nearid-folder", nargs="+", type=Path, metavar="ROOT",
-                        help="NearID image folders ROOT/<sample>/view_K.png, distractor_K.png (one group) or "
-                             "ROOT/<group>/<sample>/... (K = 0, 1, 2)")
-    source.add_argument("--positives", nargs="+", metavar="TABLE",
-                        help="NearID positives: .parquet/.arrow file(s) or a folder of them (id, img1..img3)")
-    source.add_argument("--distractors", nargs="+", metavar="TABLE",
-                        help="NearID distractor tables (id, img1..3 or nimg1..3), one group each: a file or a "
-                             "folder of shards")
-    source.add_argument("--distractor-prefix", choices=["auto", "img", "nimg"],
-                        help="distractor image columns (default: auto, whichever is present)")
-    source.add_argument("--mtg", nargs="+", metavar="TABLE", help="MTG tables, one group each: a file or a folder")
-    source.add_argument("--group", nargs="+", metavar="NAME",
-                        help="group names, one per --distractors, --nearid-folder or --mtg source (default: the "
-                             "file or folder name; the group folders of a two-level --nearid-folder)")
-    source.add_argument("--hf", action="store_true",
-                        help="--positives/--distractors/--mtg are Hugging Face dataset repo ids or local dataset "
-                             "folders (needs pip install 'nearid-metric[hf]')")
-    source.add_argument("--split", help="dataset split with --hf (default: train)")
-    source.add_argument("--data-revision", help="dataset revision (branch, tag or commit) with --hf")
-    source.add_argument("--from-csv", nargs="+", type=Path, metavar="FILE",
-                        help="recompute the table from saved similarity CSVs (no model is loaded); a 'model' "
-                             "column tells models apart (default: the file name)")
-    add_model_arguments(parser)
-    add_ci_arguments(parser, groups=False)
-    parser.set_defaults(model=None)  # None: not given (--from-csv refuses it); else defaults to nearid
-    parser.add_argument("--out", type=Path,
-                        help="folder for similarities.csv, table.csv, table.json and summary.json")
-    parser.add_argument("--strict", action="store_true", help="exit 1 if any image or mask could not be read")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    return parser
+def load_samples(*, nearid_folder: Sequence[str | os.PathLike] = (), positives: Sequence[str] = (),
+                 distractors: Sequence[str] = (), mtg: Sequence[str] = (), group: Sequence[str] | None = None,
+                 distractor_prefix: str | None = None, hf: bool = False, split: str | None = None,
+                 data_revision: str | None = None) -> tuple[list[NearIDSample] | list[MTGSample], list[dict[str, Any]]]:
+    """The samples of one data source and a description of each of its parts (for ``summary.json``).
 
-
-def check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """Exactly one data source, and only the flags that apply to it (usage errors exit 2)."""
-    given = [flag for flag, value in (("--nearid-folder", args.nearid_folder),
-                                      ("--positives/--distractors", args.positives or args.distractors),
-                                      ("--mtg", args.mtg), ("--from-csv", args.from_csv)) if value]
-    if not given:
-        parser.error("no data: give --nearid-folder ROOT, --positives P --distractors D, --mtg TABLE or "
-                     "--from-csv FILE")
-    if len(given) > 1:
-        parser.error(f"one data source per run, got {' and '.join(given)}")
-    if bool(args.positives) != bool(args.distractors):
-        parser.error("--positives and --distractors go together (positive views and their distractors, "
-                     "joined on id)")
-    if args.distractor_prefix and not args.positives:
-        parser.error("--distractor-prefix applies to --positives/--distractors tables")
-    if (args.hf or args.split or args.data_revision) and not (args.positives or args.mtg):
-        parser.error("--hf, --split and --data-revision apply to --positives/--distractors and --mtg")
-    if (args.split or args.data_revision) and not args.hf:
-        parser.error("--split and --data-revision need --hf")
-    if args.hf and args.positives and len(args.positives) != 1:
-        parser.error("--hf takes one --positives dataset")
-    sources = args.distractors or args.nearid_folder or args.mtg or []
-    if args.group and args.from_csv:
-        parser.error("--group does not apply to --from-csv (groups come from the 'group' column)")
-    if args.group and len(args.group) != len(sources):
-        parser.error(f"--group needs one name per source: {len(args.group)} name(s) for {len(sources)} source(s)")
-    if args.from_csv and args.model is not None:
-        parser.error("--from-csv reads saved similarities; --model does not apply (the 'model' column names them)")
-    if args.model is None:
-        args.model = "nearid"
-
-
-def load_samples(args: argparse.Namespace) -> tuple[list[NearIDSample] | list[MTGSample], list[dict[str, Any]]]:
-    """The samples of the data flags and a description of each source (for ``summary.json``).
-
-    Raises ``ValueError``, ``OSError`` or ``ImportError`` naming the file for unreadable data.
+    The arguments are those of ``nearid-bench``'s data flags: NearID image folders
+    (``nearid_folder``), NearID tables (``positives`` + ``distractors``, one group per
+    distractor source) or MTG tables (``mtg``), as files or, with ``hf``, Hugging Face datasets
+    (``split``, default ``train``; ``data_revision``). ``group``: one name per source (default:
+    the file or folder name). Raises ``ValueError``, ``OSError`` or ``ImportError`` naming the
+    file for unreadable data, and ``ValueError`` for two samples of one group with one id.
     """
     samples: list = []
     sources: list[dict[str, Any]] = []
-    hf = {"split": args.split or "train", "revision": args.data_revision} if args.hf else None
-    groups = args.group or [None] * len(args.distractors or args.nearid_folder or args.mtg)
-    if args.nearid_folder:
-        for root, group in zip(args.nearid_folder, groups):
+    hf_args = {"split": split or "train", "revision": data_revision} if hf else None
+    groups = group or [None] * len(distractors or nearid_folder or mtg)
+    if nearid_folder:
+        for root, group in zip(nearid_folder, groups):
             found = data.read_nearid_folder(root, group=group)
-            sources.append({"type": "nearid-folder", "path": str(root), "groups": _groups(found)})
+            sources.append({"type": "nearid-folder", "path": str(root), "groups": sample_groups(found)})
             samples += found
-    elif args.positives:
-        positives = args.positives[0] if len(args.positives) == 1 else args.positives
-        prefix = args.distractor_prefix or "auto"
-        for distractors, group in zip(args.distractors, groups):
-            if hf:
-                found = data.read_nearid_hf(positives, distractors, distractor_prefix=prefix, group=group, **hf)
+    elif positives:
+        table = positives[0] if len(positives) == 1 else positives
+        prefix = distractor_prefix or "auto"
+        for source, group in zip(distractors, groups):
+            if hf_args:
+                found = data.read_nearid_hf(table, source, distractor_prefix=prefix, group=group, **hf_args)
             else:
-                found = data.read_nearid_parquet(positives, distractors, distractor_prefix=prefix, group=group)
-            sources.append({"type": "nearid-hf" if hf else "nearid-tables", "positives": args.positives,
-                            "distractors": distractors, "groups": _groups(found), **(hf or {})})
+                found = data.read_nearid_parquet(table, source, distractor_prefix=prefix, group=group)
+            sources.append({"type": "nearid-hf" if hf_args else "nearid-tables", "positives": list(positives),
+                            "distractors": source, "groups": sample_groups(found), **(hf_args or {})})
             samples += found
     else:
-        for path, group in zip(args.mtg, groups):
-            found = data.read_mtg_hf(path, group=group, **hf) if hf else data.read_mtg_parquet(path, group=group)
-            sources.append({"type": "mtg-hf" if hf else "mtg-tables", "path": path, "groups": _groups(found),
-                            **(hf or {})})
+        for path, group in zip(mtg, groups):
+            found = (data.read_mtg_hf(path, group=group, **hf_args) if hf_args
+                     else data.read_mtg_parquet(path, group=group))
+            sources.append({"type": "mtg-hf" if hf_args else "mtg-tables", "path": path, "groups": sample_groups(found),
+                            **(hf_args or {})})
             samples += found
     _check_samples(samples)
     return samples, sources
 
 
-def _groups(samples: Sequence[NearIDSample | MTGSample]) -> list[str]:
+def sample_groups(samples: Sequence[NearIDSample | MTGSample]) -> list[str]:
+    """The samples' groups in order of first appearance."""
     return list(dict.fromkeys(s.group for s in samples))
 
 
@@ -518,117 +470,3 @@ def _check_samples(samples: Sequence[NearIDSample | MTGSample]) -> None:
     if twice:
         raise ValueError(f"{len(twice)} sample(s) appear twice in one group, e.g. {', '.join(twice[:_SHOWN])}: "
                          "two sources share a group name; name them apart with --group")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    with stderr_logging("nearid-bench"):
-        check_arguments(args, parser)
-        if args.from_csv:
-            try:
-                benchmark, table = read_similarities(args.from_csv)
-                rows = _results(benchmark, table, args)
-            except (OSError, ValueError) as e:
-                parser.error(str(e))
-            summary = {"benchmark": benchmark, "version": __version__,
-                       "from_csv": [str(p) for p in args.from_csv], "n_rows": len(table["model"]),
-                       "models": {model: {"signature": signature} for model, signature in _signatures(table).items()},
-                       "ci": _ci_description(args), "failures": []}
-            return report(args, rows, benchmark, summary, table=None, failures={})
-        try:
-            samples, sources = load_samples(args)
-        except (OSError, ValueError, ImportError) as e:
-            parser.error(str(e))
-        return run(args, samples, sources, load_scorers(args, parser))
-
-
-def _results(benchmark: str, table: Mapping[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
-    resamples = None if args.ci == "none" else args.ci_resamples
-    results = mtg_results if benchmark == "mtg" else nearid_results
-    return results(table, ci_resamples=resamples, ci_seed=args.ci_seed)
-
-
-def _ci_description(args: argparse.Namespace) -> dict[str, Any] | None:
-    """How the SSR / PA intervals were computed (``summary.json``), None with ``--ci none``."""
-    if args.ci == "none":
-        return None
-    return {"method": "percentile bootstrap", "level": CI_LEVEL, "resamples": args.ci_resamples, "seed": args.ci_seed,
-            "unit": "sample", "pooled": "each group resampled on its own, counts pooled", "rates": list(CI_RATES)}
-
-
-def run(args: argparse.Namespace, samples: Sequence[NearIDSample | MTGSample], sources: list[dict[str, Any]],
-        scorers: Mapping[str, Scorer]) -> int:
-    """Embed, score, report; the exit code."""
-    benchmark = "mtg" if isinstance(samples[0], MTGSample) else "nearid"
-    similarity_table = mtg_similarity_table if benchmark == "mtg" else nearid_similarity_table
-    n_images = len(unique_images(samples))
-    logger.info("%s: %d samples in %d group(s), %d distinct images, model(s) %s", benchmark, len(samples),
-                len(_groups(samples)), n_images, ", ".join(scorers))
-    table, failures = similarity_table(samples, scorers, batch_size=args.batch_size, num_workers=args.num_workers,
-                                       progress=False if args.no_progress else None, cache_dir=args.cache)
-    for image, reason in failures.items():
-        logger.warning("unreadable, scored as missing (NaN): %s: %s", image, reason)
-    if failures:
-        logger.warning("%d image(s) or mask(s) could not be read%s", len(failures),
-                       f"; listed in {args.out / 'summary.json'}" if args.out is not None else "")
-    summary = {
-        "benchmark": benchmark,
-        "version": __version__,
-        "sources": sources,
-        "models": {model: {"name": scorer.name, "signature": scorer.signature} for model, scorer in scorers.items()},
-        "groups": {group: sum(s.group == group for s in samples) for group in _groups(samples)},
-        "n_samples": len(samples),
-        "n_images": n_images,
-        "ci": _ci_description(args),
-        "failures": [{"image": image, "reason": reason} for image, reason in failures.items()],
-    }
-    return report(args, _results(benchmark, table, args), benchmark, summary, table, failures)
-
-
-def report(args: argparse.Namespace, rows: list[dict[str, Any]], benchmark: str, summary: dict[str, Any],
-           table: Mapping[str, Any] | None, failures: Mapping[str, str]) -> int:
-    """Write the ``--out`` files, print the table; the exit code."""
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        if table is not None:
-            write_similarities(args.out / "similarities.csv", table)
-        write_results(args.out, rows, benchmark)
-        _write_json(args.out / "summary.json", summary)
-    print(format_table(rows, benchmark, ci=args.ci != "none"))
-    if args.ci != "none":
-        print(f"95% CI: percentile bootstrap over samples, {args.ci_resamples} resamples, seed {args.ci_seed}")
-    for model, info in summary["models"].items():
-        print(f"{model}: signature {info['signature'] or 'n/a'}")
-    if not any(row["group"] == ALL and row["n_samples"] > 0 for row in rows):
-        logger.warning("nothing scored: no sample has a valid term")
-        return EXIT_NOTHING_SCORED
-    return EXIT_NOTHING_SCORED if args.strict and failures else EXIT_OK
-
-
-def format_table(rows: Sequence[Mapping[str, Any]], benchmark: str, *, ci: bool = True) -> str:
-    """The printed table: rates in percent with 2 decimals, correlations with 3, NaN as n/a.
-
-    ``ci``: a ``SSR_CI95`` / ``PA_CI95`` column after SSR / PA, ``[low,high]`` (no space, so the
-    table splits on whitespace).
-    """
-    rates = ["SSR", "SSR_CI95", "PA", "PA_CI95"] if ci else ["SSR", "PA"]
-    columns = ["model", "group", *rates, "H", *(["MO", "MO_strict"] if benchmark == "mtg" else []),
-               "n_samples", "n_excluded"]
-
-    def text(key: str, value: Any) -> str:
-        if key.endswith("_CI95"):
-            low, high = (value.get(f"{key[:-5]}_ci_{end}", math.nan) for end in ("low", "high"))
-            return "n/a" if low is None or math.isnan(low) else f"[{low:.2f},{high:.2f}]"
-        if isinstance(value, float):
-            return "n/a" if math.isnan(value) else f"{value:.3f}" if key in CORRELATIONS else f"{value:.2f}"
-        return str(value)
-
-    cells = [columns] + [[text(key, row if key.endswith("_CI95") else row[key]) for key in columns] for row in rows]
-    widths = [max(len(line[k]) for line in cells) for k in range(len(columns))]
-    return "\n".join("  ".join(cell.ljust(w) if k < 2 else cell.rjust(w) for k, (cell, w) in
-                               enumerate(zip(line, widths))).rstrip() for line in cells)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-
 RESIZE_MODES = ("squash", "shortest")
 RGB_MODES = ("white", "convert")
 _PIL_FILTERS = {"bilinear": int(Image.Resampling.BILINEAR), "bicubic": int(Image.Resampling.BICUBIC)}

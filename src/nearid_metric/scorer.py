@@ -1,4 +1,4 @@
-"""``NearIDScore``: image pairs in, identity similarity out.
+"""``Scorer``: image pairs in, identity similarity out (``NearIDScore`` and the baselines are scorers).
 
 This is where an image becomes an embedding:
   file / PIL image / uint8 tensor
@@ -8,7 +8,7 @@ This is where an image becomes an embedding:
   -> ``Scorer.encoder`` (for NearID: the timm SigLIP trunk + MAP head), L2-normalised,
      in forward batches sized to the device (:mod:`nearid_metric.batching`).
 
-The same path serves the baselines (:mod:`nearid_metric.scorers` builds their encoders).
+The same path serves every scorer (:mod:`nearid_metric.scorers` builds their encoders).
 :func:`embed_images` runs several scorers over one decode of each distinct image (by content,
 :mod:`nearid_metric.embedding_cache`), reusing cached embeddings (``cache_dir``) and sharing
 the work between ``torch.distributed`` ranks (``distributed=True``, :mod:`nearid_metric.distributed`).
@@ -35,7 +35,12 @@ from nearid_metric.batching import auto_batch_size, forward_in_chunks
 from nearid_metric.embedding_cache import EmbeddingCache, image_keys
 from nearid_metric.hub import Checkpoint, checkpoint_sha256
 from nearid_metric.images import EncodedImage, ImageLoadError, load_image
-from nearid_metric.preprocess import PreprocessConfig, normalization_table, normalize_uint8, resize_to_uint8
+from nearid_metric.preprocess import (
+    PreprocessConfig,
+    normalization_table,
+    normalize_uint8,
+    resize_to_uint8,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +48,9 @@ ImageInput = Union[str, os.PathLike, EncodedImage, Image.Image]
 Images = Union[Sequence[ImageInput], torch.Tensor]
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DEFAULT_CHECKPOINT = "nearid"  # the registry entry of the released weights
 
 
-class _ImageDataset(Dataset):
+class PreprocessedImages(Dataset):
     """Decodes each input once and prepares it for every distinct preprocessing.
 
     Item: ``(index, tuple of uint8 [3, H, W] per config, or None, error or None)``.
@@ -75,7 +79,10 @@ class _ImageDataset(Dataset):
             return index, None, f"cannot preprocess ({type(e).__name__}: {e})"
 
 
-def _collate(items: list[tuple[int, tuple[torch.Tensor, ...] | None, str | None]]):
+def collate_preprocessed(items: list[tuple[int, tuple[torch.Tensor, ...] | None, str | None]]
+                         ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, dict[int, str]]:
+    """A batch of :class:`PreprocessedImages` items: ``(indices [b], per config uint8 [b, 3, H, W] or None,
+    {index: reason} of the items that failed)``."""
     ok = [(i, pixels) for i, pixels, _ in items if pixels is not None]
     failed = {i: error for i, _, error in items if error is not None}
     indices = torch.tensor([i for i, _ in ok], dtype=torch.long)
@@ -199,41 +206,6 @@ class Scorer:
         return f"{type(self).__name__}({self.signature!r}, device={self.device})"
 
 
-class NearIDScore(Scorer):
-    """Identity similarity from a frozen SigLIP2 trunk and the NearID MAP head.
-
-    Build it with :meth:`from_pretrained`. Scores are cosines of L2-normalised
-    embeddings, in [-1, 1]; higher means the same identity is better preserved.
-    """
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str | os.PathLike = DEFAULT_CHECKPOINT,
-        *,
-        revision: str | None = None,
-        device: str | torch.device | None = None,
-        precision: str = "fp32",
-        compile: bool = False,
-    ) -> NearIDScore:
-        """Load a checkpoint folder in the released format (same as ``create_scorer("nearid", pretrained=...)``).
-
-        ``name_or_path``: a local folder, a registered name (``nearid``, the default) or a Hub repo id.
-        ``precision``: ``fp32`` (default, as the reference), ``bf16`` or ``fp16`` weights
-        and activations; embeddings are returned in float32 either way.
-        ``compile``: run the encoder through ``torch.compile`` (see :func:`~nearid_metric.create_scorer`).
-        """
-        from nearid_metric.scorers import create_scorer
-
-        return create_scorer("nearid", pretrained=name_or_path, revision=revision, device=device,
-                             precision=precision, compile=compile)
-
-    @property
-    def trunk(self) -> torch.nn.Module:
-        """The timm ViT (SigLIP2 trunk + NearID MAP head)."""
-        return self.encoder
-
-
 def embed_images(
     scorers: Sequence[Scorer],
     images: Images,
@@ -309,8 +281,8 @@ def _embed_todo(scorers: Sequence[Scorer], images: Images, keys: Sequence[str | 
     failures: dict[int, str] = {}
     if not batches:
         return computed, failures
-    loader = DataLoader(_ImageDataset(images, configs), batch_sampler=batches, num_workers=num_workers,
-                        collate_fn=_collate, pin_memory=any(s.device.type == "cuda" for s in scorers))
+    loader = DataLoader(PreprocessedImages(images, configs), batch_sampler=batches, num_workers=num_workers,
+                        collate_fn=collate_preprocessed, pin_memory=any(s.device.type == "cuda" for s in scorers))
     total = sum(map(len, batches))
     hide = True if rank > 0 else _disable(progress)
     with torch.inference_mode(), tqdm(total=total, unit="img", disable=hide) as bar:

@@ -25,10 +25,13 @@ import torch
 
 from nearid_metric.hub import CHECKPOINT_FILES, resolve_checkpoint
 from nearid_metric.model import TokenMean, load_checkpoint_trunk
-from nearid_metric.preprocess import PreprocessConfig, config_from_open_clip, config_from_timm
+from nearid_metric.preprocess import (
+    PreprocessConfig,
+    config_from_open_clip,
+    config_from_timm,
+)
 from nearid_metric.scorer import (
     PRECISIONS,
-    NearIDScore,
     Scorer,
     check_precision,
     pick_device,
@@ -36,6 +39,9 @@ from nearid_metric.scorer import (
 )
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_CHECKPOINT = "nearid"
+"""The registry entry of the released NearID weights."""
 
 # (encoder on device in dtype, preprocessing, embedding width)
 Built = tuple[torch.nn.Module, PreprocessConfig, int]
@@ -152,3 +158,36 @@ def create_scorer(
     cls = NearIDScore if name == "nearid" else Scorer
     return cls(encoder, preprocess_config, name=name, embed_dim=embed_dim, device=device, precision=precision,
                signature=signature(name, checkpoint, precision, info.weights_file))
+
+
+class NearIDScore(Scorer):
+    """Identity similarity from a frozen SigLIP2 trunk and the NearID MAP head.
+
+    Build it with :meth:`from_pretrained`. Scores are cosines of L2-normalised
+    embeddings, in [-1, 1]; higher means the same identity is better preserved.
+    """
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike = DEFAULT_CHECKPOINT,
+        *,
+        revision: str | None = None,
+        device: str | torch.device | None = None,
+        precision: str = "fp32",
+        compile: bool = False,
+    ) -> NearIDScore:
+        """Load a checkpoint folder in the released format (same as ``create_scorer("nearid", pretrained=...)``).
+
+        ``name_or_path``: a local folder, a registered name (``nearid``, the default) or a Hub repo id.
+        ``precision``: ``fp32`` (default, as the reference), ``bf16`` or ``fp16`` weights
+        and activations; embeddings are returned in float32 either way.
+        ``compile``: run the encoder through ``torch.compile`` (see :func:`~nearid_metric.create_scorer`).
+        """
+        return create_scorer("nearid", pretrained=name_or_path, revision=revision, device=device,
+                             precision=precision, compile=compile)
+
+    @property
+    def trunk(self) -> torch.nn.Module:
+        """The timm ViT (SigLIP2 trunk + NearID MAP head)."""
+        return self.encoder

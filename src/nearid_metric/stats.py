@@ -1,8 +1,10 @@
-"""Small statistics (numpy only): Pearson r, Fisher-z means, and bootstrap confidence intervals."""
+"""Small statistics (numpy only): Pearson r, Fisher-z means, bootstrap confidence intervals, score summaries."""
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+import math
+from collections.abc import Hashable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -137,6 +139,39 @@ def bootstrap_ratio_ci(
     alpha = (1.0 - level) / 2.0
     low, high = np.quantile(statistics, [alpha, 1.0 - alpha])
     return float(low), float(high)
+
+
+def summarize(scores: Iterable[float]) -> dict[str, float | int | None]:
+    """count, mean, std (sample, ddof=1), median, min, max of scores (in float64); None where undefined."""
+    def number(x: float) -> float | None:
+        return None if math.isnan(x) else float(x)
+
+    scores = np.asarray(scores, dtype=np.float64)
+    n = len(scores)
+    return {
+        "count": n,
+        "mean": number(scores.mean()) if n else None,
+        "std": number(scores.std(ddof=1)) if n > 1 else None,
+        "median": number(np.median(scores)) if n else None,
+        "min": number(scores.min()) if n else None,
+        "max": number(scores.max()) if n else None,
+    }
+
+
+def mean_ci(values: Sequence[float], groups: Sequence[Hashable] | None, *, resamples: int | None, seed: int,
+            unit: str = "pair") -> dict[str, Any]:
+    """``ci95`` ([low, high] of the mean, None when off or undefined) and ``ci`` (how it was computed).
+
+    :func:`bootstrap_ci` at :data:`CI_LEVEL`; ``groups`` (one label per value, resampled together,
+    named ``unit``) or None (each value alone). ``resamples=None``: no interval (both None).
+    """
+    if resamples is None:
+        return {"ci95": None, "ci": None}
+    low, high = bootstrap_ci(values, groups=groups, resamples=resamples, seed=seed, level=CI_LEVEL)
+    return {"ci95": None if math.isnan(low) else [low, high],
+            "ci": {"method": "percentile bootstrap", "level": CI_LEVEL, "resamples": resamples, "seed": seed,
+                   "unit": "pair" if groups is None else unit,
+                   "n_units": len(values) if groups is None else len(set(groups))}}
 
 
 def _finite_vector(values: Iterable[float], name: str) -> np.ndarray:

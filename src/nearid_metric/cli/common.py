@@ -1,0 +1,142 @@
+"""What the console commands share: exit codes, logging on stderr, the error boundary, and the
+argument builders of the model, device, batching and confidence-interval flags.
+
+Only the commands import this module; the library never does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from nearid_metric.hub import ChecksumError
+from nearid_metric.scorer import PRECISIONS, Scorer
+from nearid_metric.scorers import create_scorer, list_scorers
+from nearid_metric.stats import BOOTSTRAP_RESAMPLES
+
+logger = logging.getLogger("nearid_metric")
+
+EXIT_OK, EXIT_NOTHING_SCORED, EXIT_USAGE = 0, 1, 2
+"""Exit codes: done; nothing scored (or, with ``--strict``, something failed); a usage error."""
+
+
+@contextmanager
+def stderr_logging(prog: str) -> Iterator[logging.Logger]:
+    """Show the package's INFO+ records on stderr as ``prog: message`` while one command runs."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{prog}: %(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield logger
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def run_command(prog: str, command: Callable[[], int], *, error_code: int = EXIT_USAGE,
+                error_prefix: str = "") -> int:
+    """The error boundary of one command: runs ``command`` with the package's log records on stderr.
+
+    The package's own exceptions (``ValueError``, ``OSError``, ``ImportError``: their messages
+    name the file and what to do) become one line, ``prog: <error_prefix><message>``, and the
+    exit code ``error_code``; any other exception is a bug and keeps its traceback.
+    """
+    with stderr_logging(prog):
+        try:
+            return command()
+        except (OSError, ValueError, ImportError) as e:
+            logger.error("%s%s", error_prefix, e)
+            return error_code
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_ci_arguments(parser: argparse.ArgumentParser, *, groups: bool) -> None:
+    """``--ci``, ``--ci-resamples``, ``--ci-seed`` (and ``--ci-groups`` where pairs can be grouped)."""
+    ci = parser.add_argument_group("confidence intervals (95%)")
+    ci.add_argument("--ci", choices=["bootstrap", "none"], default="bootstrap",
+                    help="percentile bootstrap interval of each mean / rate (default), or none")
+    ci.add_argument("--ci-resamples", type=positive_int, default=BOOTSTRAP_RESAMPLES, metavar="N",
+                    help=f"bootstrap resamples (default {BOOTSTRAP_RESAMPLES})")
+    ci.add_argument("--ci-seed", type=int, default=0, metavar="SEED", help="seed of the resampling (default 0)")
+    if groups:
+        ci.add_argument("--ci-groups", default="none", metavar="none|ref|COLUMN",
+                        help="what is resampled: none = single pairs (default); ref = all pairs of one reference "
+                             "image together; COLUMN = a column of --manifest (e.g. prompt) whose rows with one "
+                             "value are resampled together")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, device and batching flags shared by every command that embeds images."""
+    parser.add_argument("--model", default="nearid",
+                        help=f"comma-separated scorers: {', '.join(list_scorers())}; NAME=WEIGHTS picks other "
+                             f"weights (local folder, registry name or Hub repo id); a bare folder or repo id "
+                             f"means nearid with those weights (default: nearid)")
+    parser.add_argument("--revision", help="Hub revision (branch, tag or commit) of the weights; one model only")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
+    parser.add_argument("--compile", action="store_true", help="run the models through torch.compile")
+    parser.add_argument("--batch-size", type=positive_int,
+                        help="images per forward pass (default: sized to the device; on CUDA it starts large and "
+                             "halves on out-of-memory errors)")
+    parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="image decoding processes (default: min(8, CPU count))")
+    parser.add_argument("--cache", type=Path, metavar="DIR",
+                        help="embedding cache folder: embeddings of images seen before (same content, same model, "
+                             "weights, precision, preprocessing and package version) are reused, new ones stored")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def parse_models(spec: str) -> list[tuple[str, str, str | None]]:
+    """``--model`` -> ``[(column, scorer name, weights or None)]``.
+
+    Items are ``NAME``, ``NAME=WEIGHTS`` or (for NearID) a bare folder / repo id. The column
+    is the scorer name, or the item as written when one scorer appears more than once.
+    """
+    items = [item.strip() for item in spec.split(",") if item.strip()]
+    if not items:
+        raise ValueError("--model is empty")
+    models = []
+    for item in items:
+        name, _, weights = item.partition("=")
+        if name in list_scorers():
+            models.append((item, name, weights or None))
+        elif "=" in item:
+            raise ValueError(f"unknown scorer {name!r} in --model; known: {', '.join(list_scorers())}")
+        else:
+            models.append((item, "nearid", item))
+    names = [name for _, name, _ in models]
+    models = [(name if names.count(name) == 1 else item, name, weights) for item, name, weights in models]
+    if len({column for column, _, _ in models}) != len(models):
+        raise ValueError(f"--model lists a model twice: {spec!r}")
+    return models
+
+
+def load_scorers(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Scorer]:
+    """Build the ``--model`` scorers, by column name; bad specs are usage errors, refused weights exit 1."""
+    try:
+        models = parse_models(args.model)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.revision is not None and len(models) > 1:
+        parser.error("--revision applies to one model; pin each model's weights with NAME=FOLDER instead")
+    try:
+        return {column: create_scorer(name, pretrained=weights, revision=args.revision, device=args.device,
+                                      precision=args.precision, compile=args.compile)
+                for column, name, weights in models}
+    except ChecksumError as e:  # weights that differ from the recorded hash: a message, not a traceback
+        logger.error("%s", e)
+        raise SystemExit(EXIT_NOTHING_SCORED) from None

@@ -1,0 +1,84 @@
+"""``nearid-train``: train the NearID head (:func:`nearid_metric.train.train`) from a config file and flags.
+
+Also runs as ``torchrun --nproc-per-node N -m nearid_metric.train CONFIG``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from nearid_metric._version import __version__
+from nearid_metric.cli.common import EXIT_OK, run_command
+from nearid_metric.train.config import (
+    FIELD_HELP,
+    TrainConfig,
+    check_config,
+    read_config_file,
+)
+from nearid_metric.train.loop import train
+
+logger = logging.getLogger("nearid_metric")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nearid-train",
+        description="Train the NearID identity head on a frozen SigLIP2 trunk and export a checkpoint folder that "
+                    "NearIDScore loads. Settings: defaults (the paper's recipe) < CONFIG file < flags.",
+    )
+    parser.add_argument("config", nargs="?", type=Path, help="TOML or YAML file of settings (names as the flags)")
+    for f in dataclasses.fields(TrainConfig):
+        default = getattr(TrainConfig(), f.name)
+        flag = "--" + f.name.replace("_", "-")
+        common = dict(default=argparse.SUPPRESS, help=FIELD_HELP[f.name])
+        if f.name == "progress":
+            parser.add_argument("--no-progress", dest="progress", action="store_false", **common)
+        elif isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", **common)
+        elif isinstance(default, list):
+            parser.add_argument(flag, nargs="+", metavar=f.name.upper(), **common)
+        elif isinstance(default, float):
+            parser.add_argument(flag, type=float, **common)
+        elif "int" in f.type:
+            parser.add_argument(flag, type=int, **common)
+        else:
+            parser.add_argument(flag, **common)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def config_from_args(argv: Sequence[str] | None = None) -> TrainConfig:
+    """Defaults, then the config file, then the flags; ``SystemExit(2)`` with a message for bad settings."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    path = args.pop("config")
+    try:
+        values = read_config_file(path) if path else {}
+        values.update(args)
+        config = TrainConfig(**values)
+        check_config(config)
+    except ValueError as e:
+        parser.error(str(e))
+    return config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``nearid-train``: 0 when the run finished or stopped at ``--max-steps``, 2 for bad settings or data."""
+    config = config_from_args(argv)
+
+    def command() -> int:
+        summary = train(config)
+        if not summary["finished"]:
+            logger.info("stopped at step %d; run again with --resume to continue", summary["steps"])
+        return EXIT_OK
+
+    return run_command("nearid-train", command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

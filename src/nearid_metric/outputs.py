@@ -1,0 +1,74 @@
+"""Result files: JSON and CSV written atomically (a temporary file in the same folder, then renamed),
+so an interrupted or failed write never leaves a truncated file in place of a finished one."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike, *, newline: str | None = None) -> Iterator[IO[str]]:
+    """Open a UTF-8 text file that replaces ``path`` only when the block ends without an exception."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # created as any new file (umask applies)
+    try:
+        with open(tmp, "x", encoding="utf-8", newline=newline) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def json_ready(value: Any) -> Any:
+    """``value`` with every float NaN replaced by None (JSON ``null``), in nested dicts, lists and tuples."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
+
+
+def write_json(path: str | os.PathLike, content: Any, *, indent: int = 2) -> None:
+    """Write ``content`` as indented JSON (NaN as null) and a final newline, atomically."""
+    text = json.dumps(json_ready(content), indent=indent, allow_nan=False) + "\n"
+    with atomic_write(path) as f:
+        f.write(text)
+
+
+def csv_cell(value: Any) -> str:
+    """CSV text of a value: floats as their shortest exact repr, NaN and None as an empty cell."""
+    if value is None:
+        return ""
+    if isinstance(value, float) or hasattr(value, "dtype") and getattr(value.dtype, "kind", "") == "f":
+        return "" if math.isnan(value) else repr(float(value))
+    return str(value)
+
+
+def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """Write a header and rows of cells (already text, or :func:`csv_cell` applied to each), atomically."""
+    with atomic_write(path, newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows([cell if isinstance(cell, str) else csv_cell(cell) for cell in row] for row in rows)
+
+
+def write_scores(out: str | os.PathLike, pairs: Sequence[tuple[str, str]], scores: Mapping[str, Sequence[float]],
+                 summary: Mapping[str, Any]) -> None:
+    """``nearid-score``'s files in ``out`` (created): ``scores.csv`` (ref, gen, one column per model, 8
+    decimals) and ``summary.json``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "scores.csv", ["ref", "gen", *scores],
+              ([ref, gen, *(f"{values[i]:.8f}" for values in scores.values())] for i, (ref, gen) in enumerate(pairs)))
+    write_json(out / "summary.json", summary)

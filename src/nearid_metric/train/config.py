@@ -1,0 +1,190 @@
+"""``nearid-train``'s settings: :class:`TrainConfig`, its checks and the TOML / YAML config files.
+
+Imports no torch, so a command can build its parser and refuse bad settings before any heavy import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CHECKPOINT_FORMAT = 1
+SLOTS = ("anchor", "positive_1", "positive_2", "negative_0", "negative_1", "negative_2")
+AUTOCAST = ("auto", "fp32", "bf16", "fp16")
+STORE_DTYPES = {"fp16": "float16", "fp32": "float32"}
+EXPORT_DTYPES = ("fp16", "fp32")
+
+
+@dataclass
+class TrainConfig:
+    """What ``nearid-train`` does. Config-file keys and ``--flags`` use these names (``_`` -> ``-``).
+
+    Defaults are the paper's recipe (AdamW, lr 1e-4, 11 epochs, global batch 128, T 0.07,
+    alpha 0.5, mixed precision on GPUs). Data fields are those of ``nearid-bench``.
+    """
+
+    out: str | None = None
+    base: str = "siglip2-so400m"
+    revision: str | None = None
+    nearid_folder: list[str] = field(default_factory=list)
+    positives: list[str] = field(default_factory=list)
+    distractors: list[str] = field(default_factory=list)
+    distractor_prefix: str = "auto"
+    group: list[str] = field(default_factory=list)
+    mtg: list[str] = field(default_factory=list)
+    hf: bool = False
+    split: str = "train"
+    data_revision: str | None = None
+    eval_fraction: float = 0.05
+    eval_groups: list[str] = field(default_factory=list)
+    epochs: int = 11
+    batch_size: int = 128
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    temperature: float = 0.07
+    alpha: float = 0.5
+    seed: int = 0
+    precision: str = "auto"
+    device: str | None = None
+    cache_dir: str | None = None
+    cache_dtype: str = "fp16"
+    num_workers: int = min(8, os.cpu_count() or 1)
+    checkpoint_every: int = 500
+    log_every: int = 10
+    max_steps: int | None = None
+    resume: bool = False
+    export_dtype: str = "fp16"
+    progress: bool = True
+
+
+# Fields that define a run: a resumed run must have the same values.
+RUN_FIELDS = ("base", "revision", "nearid_folder", "positives", "distractors", "distractor_prefix", "group", "mtg",
+              "hf", "split", "data_revision", "eval_fraction", "eval_groups", "batch_size", "lr", "weight_decay",
+              "temperature", "alpha", "seed", "precision", "cache_dtype")
+
+FIELD_HELP = {
+    "out": "output folder: checkpoint.pt, log.jsonl, summary.json and final/ (the exported checkpoint)",
+    "base": "SigLIP(2) checkpoint whose trunk is frozen and whose head initialises training: registry name, "
+            "folder or Hub repo id (default: siglip2-so400m)",
+    "revision": "Hub revision of --base",
+    "nearid_folder": "NearID image folders ROOT/<sample>/view_K.*, distractor_K.* or ROOT/<group>/<sample>/...",
+    "positives": "NearID positives table(s) (.parquet/.arrow file(s) or a folder; id, img1..img3)",
+    "distractors": "NearID distractor tables, one group each",
+    "distractor_prefix": "distractor image columns: auto, img or nimg",
+    "group": "group names, one per --distractors or --nearid-folder source",
+    "mtg": "MTG tables mixed into training (anchor = view 1, positive = view 2, negatives = the part edits)",
+    "hf": "--positives/--distractors/--mtg are Hugging Face dataset ids or saved dataset folders",
+    "split": "dataset split with --hf",
+    "data_revision": "dataset revision with --hf",
+    "eval_fraction": "fraction of NearID identities held out for the per-epoch SSR / PA (by a hash of the id)",
+    "eval_groups": "NearID groups (inpainting settings) held out for evaluation",
+    "epochs": "passes over the training samples",
+    "batch_size": "global batch (samples; split over ranks)",
+    "lr": "AdamW learning rate (constant)",
+    "weight_decay": "AdamW weight decay",
+    "temperature": "InfoNCE temperature",
+    "alpha": "weight of tier 2",
+    "seed": "seed of the sample order",
+    "precision": "autocast: auto (CUDA: bf16 where supported, else fp16 for the trunk; CPU: fp32), fp32, bf16 or "
+                 "fp16 (trunk only: the head then trains in fp32)",
+    "device": "torch device (default: cuda if available; cuda:LOCAL_RANK under torchrun)",
+    "cache_dir": "feature cache folder: the trunk's tokens of each image are computed once and stored there",
+    "cache_dtype": "feature cache storage: fp16 (default) or fp32",
+    "num_workers": "data loader processes",
+    "checkpoint_every": "steps between checkpoints (and at every epoch end)",
+    "log_every": "steps between log.jsonl records",
+    "max_steps": "stop after this many steps in total (checkpointed; --resume continues)",
+    "resume": "continue from OUT/checkpoint.pt if there is one",
+    "export_dtype": "dtype of the exported weights: fp16 (as released) or fp32",
+    "progress": "progress bars",
+}
+
+
+def check_config(config: TrainConfig) -> None:
+    """``ValueError`` naming the first setting that cannot work."""
+    if not config.out:
+        raise ValueError("out: an output folder is required")
+    if not (config.nearid_folder or config.positives or config.mtg):
+        raise ValueError("no data: give nearid_folder, positives + distractors, or mtg")
+    if bool(config.positives) != bool(config.distractors):
+        raise ValueError("positives and distractors go together (views and their distractors, joined on id)")
+    if config.nearid_folder and config.positives:
+        raise ValueError("give NearID data as nearid_folder or as positives + distractors, not both")
+    if config.group and len(config.group) != len(config.nearid_folder or config.distractors):
+        raise ValueError(f"group needs one name per NearID source, got {len(config.group)}")
+    if not 0 <= config.eval_fraction < 1:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {config.eval_fraction}")
+    for name in ("epochs", "batch_size", "checkpoint_every", "log_every"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if config.max_steps is not None and config.max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1, got {config.max_steps}")
+    if config.num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {config.num_workers}")
+    if config.lr <= 0 or config.temperature <= 0 or config.weight_decay < 0 or config.alpha < 0:
+        raise ValueError("lr and temperature must be > 0, weight_decay and alpha >= 0")
+    for name, choices in (("precision", AUTOCAST), ("cache_dtype", STORE_DTYPES), ("export_dtype", EXPORT_DTYPES),
+                          ("distractor_prefix", ("auto", "img", "nimg"))):
+        if getattr(config, name) not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(config, name)!r}")
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A TOML (``.toml``) or YAML (``.yaml``/``.yml``) file of :class:`TrainConfig` keys, type-checked.
+
+    Keys are the field names (``batch_size``) or the flag spelling (``batch-size``).
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".toml":
+            if sys.version_info >= (3, 11):
+                import tomllib
+            else:
+                import tomli as tomllib
+            values = tomllib.loads(path.read_text(encoding="utf-8"))
+        elif path.suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise ValueError("YAML config files need PyYAML: pip install 'nearid-metric[train]'") from None
+
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        else:
+            raise ValueError("config files end in .toml, .yaml or .yml")
+    except (OSError, ValueError) as e:  # tomllib / yaml errors are ValueErrors
+        raise ValueError(f"{path}: {e}") from None
+    except Exception as e:  # yaml.YAMLError
+        raise ValueError(f"{path}: {type(e).__name__}: {e}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of settings at the top level")
+    names = [name.replace("-", "_") for name in values]  # flag spelling (batch-size) allowed too
+    if len(set(names)) < len(names):
+        raise ValueError(f"{path}: a setting is given twice (with - and with _)")
+    return {name: _typed(name, value, str(path)) for name, value in zip(names, values.values())}
+
+
+def _typed(name: str, value: Any, source: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    if name not in fields:
+        raise ValueError(f"{source}: unknown setting {name!r}; known: {', '.join(fields)}")
+    default = TrainConfig().__getattribute__(name)
+    kind = fields[name].type
+    if isinstance(default, list):
+        value = [value] if isinstance(value, str) else value
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    elif isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif "int" in kind:
+        ok = (isinstance(value, int) and not isinstance(value, bool)) or (value is None and "None" in kind)
+    else:
+        ok = isinstance(value, str) or (value is None and "None" in kind)
+    if not ok:
+        raise ValueError(f"{source}: setting {name!r} must be {kind}, got {value!r}")
+    return value

@@ -1,0 +1,431 @@
+"""The training run: the frozen trunk and its trainable head, the feature cache, evaluation,
+checkpoints and resumption, ``torchrun``, and the export at the end (spec section 5, docs/training.md).
+
+:func:`train` is the whole run; every rank of a ``torchrun`` launch calls it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from nearid_metric._version import __version__
+from nearid_metric.cache import HASH_MEMO, ArrayStore, content_keys
+from nearid_metric.data import NearIDSample
+from nearid_metric.distributed import launched_by_torchrun, process_group, rank_device
+from nearid_metric.hub import CHECKPOINT_FILES, checkpoint_sha256, resolve_checkpoint
+from nearid_metric.images import ImageSource
+from nearid_metric.model import VisionConfig, load_checkpoint_trunk
+from nearid_metric.preprocess import (
+    PreprocessConfig,
+    normalization_table,
+    normalize_uint8,
+)
+from nearid_metric.protocol import score_nearid_samples
+from nearid_metric.scorer import PreprocessedImages, collate_preprocessed, pick_device
+from nearid_metric.similarity import (
+    image_source_key,
+    nearid_similarities,
+    unique_images,
+)
+from nearid_metric.train.config import (
+    CHECKPOINT_FORMAT,
+    RUN_FIELDS,
+    STORE_DTYPES,
+    TrainConfig,
+    check_config,
+)
+from nearid_metric.train.data import (
+    TrainingBatches,
+    epoch_batches,
+    read_training_samples,
+    sample_slots,
+    split_samples,
+)
+from nearid_metric.train.export import export_checkpoint
+from nearid_metric.train.loss import batch_loss
+
+logger = logging.getLogger(__name__)
+
+EXPORT_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+"""``export_dtype`` -> dtype of the exported weights."""
+
+
+@dataclass
+class TrainModel:
+    """The frozen trunk and its trainable MAP head (``trunk.attn_pool``), on ``device``."""
+
+    trunk: torch.nn.Module
+    head: torch.nn.Module
+    device: torch.device
+    autocast: torch.dtype | None  # the trunk's autocast dtype; None: float32
+    table: torch.Tensor  # uint8 -> normalised value, per channel (on device)
+
+    def _autocast(self, dtype: torch.dtype | None):
+        return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+    @property
+    def head_autocast(self) -> torch.dtype | None:
+        """bf16 when the trunk runs in bf16; with fp16 the head trains in fp32 (no loss scaling needed)."""
+        return self.autocast if self.autocast == torch.bfloat16 else None
+
+    @torch.no_grad()
+    def tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels [U, 3, H, W] -> the trunk's final post-LayerNorm tokens [U, T, D]."""
+        pixels = normalize_uint8(pixels.to(self.device, non_blocking=True), self.table)
+        with self._autocast(self.autocast):
+            return self.trunk.forward_features(pixels)
+
+    def embed(self, item: dict[str, Any]) -> torch.Tensor:
+        """A batch's ``pixels`` or cached ``tokens`` -> head outputs [U, D] float32 (not normalised)."""
+        if "tokens" in item:
+            tokens = item["tokens"].to(self.device, non_blocking=True)
+        else:
+            tokens = self.tokens(item["pixels"])
+        tokens = tokens.float()  # cached or not, the head sees the same values
+        if tokens.shape[0] == 0:
+            return torch.zeros((0, self.trunk.num_features), device=self.device)
+        with self._autocast(self.head_autocast):
+            return self.head(tokens).float()
+
+
+def average_gradients(parameters: Sequence[torch.nn.Parameter], world: int) -> None:
+    """DDP's gradient averaging for the head, in one all-reduce (a missing gradient counts as zeros)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    for p, chunk in zip(parameters, flat.split([g.numel() for g in grads])):
+        p.grad = chunk.view_as(p).clone()
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The trunk's autocast dtype for ``precision`` on ``device``; None = float32."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def _precision_name(autocast: torch.dtype | None) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast]
+
+
+# --- features and evaluation -----------------------------------------------------------------------
+
+
+def build_feature_cache(model: TrainModel, images: Sequence[ImageSource], keys: Sequence[str | None],
+                        store: ArrayStore, preprocess: PreprocessConfig, *, batch_size: int = 64,
+                        num_workers: int = 0, rank: int = 0, world: int = 1, progress: bool = True) -> dict[int, str]:
+    """Store the trunk tokens of every image whose key is not in ``store`` (this rank's share:
+    every ``world``-th). Returns ``{image row: reason}`` for the images that could not be decoded."""
+    missing = [row for row, key in enumerate(keys) if key is not None and key not in store][rank::world]
+    failures: dict[int, str] = {}
+    if not missing:
+        return failures
+    logger.info("feature cache: computing the trunk tokens of %d image(s) into %s", len(missing), store.folder)
+    loader = DataLoader(PreprocessedImages([images[r] for r in missing], [preprocess]), batch_size=batch_size,
+                        num_workers=num_workers, collate_fn=collate_preprocessed, pin_memory=model.device.type == "cuda")
+    with tqdm(total=len(missing), unit="img", desc="features", disable=not progress) as bar:
+        for indices, pixels, failed in loader:
+            failures.update({missing[i]: reason for i, reason in failed.items()})
+            if pixels is not None:
+                store.put([keys[missing[i]] for i in indices.tolist()], model.tokens(pixels[0]))
+            bar.update(len(indices) + len(failed))
+    store.flush()
+    return failures
+
+
+def evaluate(model: TrainModel, samples: Sequence[NearIDSample], *, preprocess: PreprocessConfig,
+             store: ArrayStore | None = None, keys: dict[Any, str | None] | None = None, batch_size: int = 64,
+             num_workers: int = 0, progress: bool = True) -> dict[str, Any]:
+    """SSR / PA / H (percent, :func:`~nearid_metric.protocol.score_nearid_samples`) of the current
+    head on ``samples``, pooled and per group (``groups``). Images come from ``store`` (``keys``:
+    image key -> content key) when given, else through the trunk; an unreadable or uncached image
+    is a missing image."""
+    images = unique_images(samples)
+    dim = model.trunk.num_features
+    embeddings = torch.full((len(images), dim), float("nan"))
+    model.head.eval()
+    with torch.no_grad(), tqdm(total=len(images), unit="img", desc="eval", disable=not progress) as bar:
+        if store is not None:
+            known = [(n, keys[image_source_key(image)]) for n, image in enumerate(images)]
+            known = [(n, key) for n, key in known if key is not None and key in store]
+            for start in range(0, len(known), batch_size):
+                chunk = known[start:start + batch_size]
+                tokens = torch.from_numpy(store.get([key for _, key in chunk]))
+                embeddings[[n for n, _ in chunk]] = F.normalize(model.embed({"tokens": tokens}), dim=-1).cpu()
+                bar.update(len(chunk))
+        else:
+            loader = DataLoader(PreprocessedImages(images, [preprocess]), batch_size=batch_size, num_workers=num_workers,
+                                collate_fn=collate_preprocessed)
+            for indices, pixels, failed in loader:
+                if pixels is not None:
+                    embeddings[indices] = F.normalize(model.embed({"pixels": pixels[0]}), dim=-1).cpu()
+                bar.update(len(indices) + len(failed))
+    model.head.train()
+    sims = nearid_similarities(samples, embeddings, {image: n for n, image in enumerate(images)})
+    result = _rates(score_nearid_samples(sims))
+    groups = np.array([s.group for s in samples])
+    result["groups"] = {group: _rates(score_nearid_samples({k: v[groups == group] for k, v in sims.items()}))
+                        for group in dict.fromkeys(groups.tolist())}
+    return result
+
+
+def _rates(result: dict[str, Any]) -> dict[str, Any]:
+    keys = ("SSR", "PA", "PA_terms", "SSR_mean", "H", "H_mean", "n_samples", "n_excluded")
+    return {k: (None if isinstance(result[k], float) and math.isnan(result[k]) else result[k]) for k in keys}
+
+
+# --- the run ---------------------------------------------------------------------------------------
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Train (or, with ``config.resume``, continue) a NearID head; returns what ``summary.json`` holds.
+
+    Under ``torchrun`` every rank runs this; rank 0 evaluates, checkpoints and exports.
+    """
+    check_config(config)
+    if launched_by_torchrun() and not dist.is_initialized():
+        with process_group(config.device, timeout=timedelta(hours=1)) as device:  # rank 0 evaluates alone
+            return _train(config, dist.get_rank(), dist.get_world_size(), device)
+    if dist.is_initialized() and dist.get_world_size() > 1:  # the caller's process group
+        return _train(config, dist.get_rank(), dist.get_world_size(), rank_device(config.device))
+    return _train(config, 0, 1, pick_device(config.device))
+
+
+def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> dict[str, Any]:
+    out = Path(config.out)
+    checkpoint_path = out / "checkpoint.pt"
+    state = None
+    if checkpoint_path.exists():
+        if not config.resume:
+            raise ValueError(f"{checkpoint_path} exists: pass --resume to continue that run, or choose another --out")
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)  # our own file, no code runs
+        _check_resumable(state, config, checkpoint_path)
+    if config.batch_size < world:
+        raise ValueError(f"batch_size {config.batch_size} is smaller than the {world} ranks")
+    show = config.progress and rank == 0
+
+    samples = read_training_samples(config)
+    train_samples, eval_samples = split_samples(samples, config.eval_fraction, config.eval_groups)
+    if not train_samples:
+        raise ValueError("no training samples left after holding out the evaluation split")
+    images = unique_images(train_samples + eval_samples)
+    rows = {image_source_key(image): n for n, image in enumerate(images)}
+    slots = sample_slots(train_samples, rows)
+    labels: dict[str, int] = {}
+    identities = np.array([labels.setdefault(s.id, len(labels)) for s in train_samples], dtype=np.int64)
+    logger.info("%d training samples (%d identities), %d held out, %d distinct images", len(train_samples),
+                len(labels), len(eval_samples), len(images))
+
+    checkpoint = resolve_checkpoint(config.base, config.revision, CHECKPOINT_FILES)
+    trunk = load_checkpoint_trunk(checkpoint.folder, dtype=torch.float32, device="cpu", drop_text_tower=True)
+    base_config = json.loads((checkpoint.folder / "config.json").read_text(encoding="utf-8"))
+    preprocessor = json.loads((checkpoint.folder / "preprocessor_config.json").read_text(encoding="utf-8"))
+    preprocess = PreprocessConfig.from_dict(preprocessor)
+    autocast = _autocast_dtype(config.precision, device)
+    model = TrainModel(trunk, trunk.attn_pool, device, autocast, normalization_table(preprocess).to(device))
+
+    failures: dict[str, str] = {}
+    store, keys = None, None
+    if config.cache_dir:
+        store, keys = _open_feature_cache(config, model, images, preprocess, checkpoint.folder, rank, world, show,
+                                          failures)
+        lost = [n for n, key in enumerate(keys) if key is None or key not in store]
+        slots[np.isin(slots, lost)] = -1
+    else:
+        trunk.to(device)
+    head = model.head.to(device).train().requires_grad_(True)
+    parameters = list(head.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    step, epoch, position, history = 0, 0, 0, []
+    if state is not None:
+        head.load_state_dict(state["head"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, epoch, position, history = state["step"], state["epoch"], state["batch"], state["history"]
+        logger.info("resumed %s at step %d (epoch %d, batch %d)", checkpoint_path, step, epoch + 1, position)
+
+    eval_keys = {image_source_key(image): keys[n] for n, image in enumerate(images)} if store is not None else None
+
+    def run_eval() -> None:
+        if rank == 0 and eval_samples:
+            result = evaluate(model, eval_samples, preprocess=preprocess, store=store, keys=eval_keys,
+                              num_workers=config.num_workers, progress=show)
+            history.append({"epoch": epoch, "step": step, **result})
+            logger.info("epoch %d: held-out SSR %s, PA %s (%s samples)", epoch, _pct(result["SSR"]),
+                        _pct(result["PA"]), result["n_samples"])
+            _append_log(out, {"epoch": epoch, "step": step, "eval": result})
+        _barrier(world)
+
+    def save() -> None:
+        if rank == 0:
+            _save_checkpoint(checkpoint_path, head, optimizer, step, epoch, position, history, config)
+
+    out.mkdir(parents=True, exist_ok=True)
+    if state is None:
+        run_eval()  # the untrained (base) head, epoch 0
+    stopped = False
+    started = time.perf_counter()
+    while epoch < config.epochs and not stopped:
+        batches = epoch_batches(len(train_samples), config.batch_size, config.seed, epoch)
+        shards = [np.array_split(b, world)[rank] for b in batches[position:]]
+        loader = DataLoader(TrainingBatches(shards, slots, identities, images, preprocess, store, keys), batch_size=None,
+                            num_workers=config.num_workers, pin_memory=device.type == "cuda")
+        with tqdm(total=len(batches), initial=position, unit="step", desc=f"epoch {epoch + 1}/{config.epochs}",
+                  disable=not show) as bar:
+            for item in loader:
+                for row, reason in item["failed"].items():
+                    if str(images[row]) not in failures:
+                        failures[str(images[row])] = reason
+                        logger.warning("%s: %s (treated as missing)", images[row], reason)
+                loss, stats = batch_loss(model.embed(item), item["index"].to(device), item["identities"].to(device),
+                                         temperature=config.temperature, alpha=config.alpha)
+                optimizer.zero_grad()
+                loss.backward()
+                if world > 1:
+                    average_gradients(parameters, world)
+                optimizer.step()
+                step, position = step + 1, position + 1
+                figures = {k: float(v) for k, v in stats.items()}
+                bar.update()
+                bar.set_postfix(loss=f"{figures['loss']:.4f}", acc1=f"{figures['tier1_acc']:.3f}",
+                                acc2=f"{figures['tier2_acc']:.3f}")
+                if rank == 0 and (step % config.log_every == 0 or position == len(batches)):
+                    _append_log(out, {"epoch": epoch, "step": step, **figures})
+                if step % config.checkpoint_every == 0:
+                    save()
+                if config.max_steps is not None and step >= config.max_steps:
+                    stopped = True
+                    break
+        if position == len(batches):
+            epoch, position = epoch + 1, 0
+            run_eval()
+        save()
+    summary = {"version": __version__, "base": checkpoint.source, "base_revision": checkpoint.revision,
+               "steps": step, "epochs_done": epoch, "finished": epoch >= config.epochs,
+               "seconds": time.perf_counter() - started, "train_samples": len(train_samples),
+               "eval_samples": len(eval_samples), "images": len(images), "history": history,
+               "failures": failures, "export": None}
+    if summary["finished"] and rank == 0:
+        final = out / "final"
+        export_checkpoint(trunk.cpu(), final, vision_config=VisionConfig.from_dict(base_config["vision_config"]),
+                          preprocessor_config=preprocessor, dtype=EXPORT_DTYPES[config.export_dtype])
+        (final / "training.json").write_text(json.dumps(
+            {"version": __version__, "base": checkpoint.source, "base_revision": checkpoint.revision,
+             "config": {k: getattr(config, k) for k in RUN_FIELDS}, "steps": step, "history": history}, indent=2),
+            encoding="utf-8")
+        summary["export"] = str(final)
+        logger.info("exported the trained head to %s", final)
+    if rank == 0:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
+def _open_feature_cache(config: TrainConfig, model: TrainModel, images: Sequence[ImageSource],
+                        preprocess: PreprocessConfig, base_folder: Path, rank: int, world: int, show: bool,
+                        failures: dict[str, str]) -> tuple[ArrayStore, list[str | None]]:
+    """Open the feature cache, fill in what it lacks (shared over ranks), and return it with each image's key."""
+    trunk = model.trunk
+    signature = (f"nearid-train trunk tokens|weights sha256:{checkpoint_sha256(base_folder / 'model.safetensors')}"
+                 f"|{preprocess}|compute:{_precision_name(model.autocast)}")
+    shape = (trunk.patch_embed.num_patches, trunk.num_features)
+    dtype = np.dtype(STORE_DTYPES[config.cache_dtype])
+    part_rows = max(1, (256 << 20) // (math.prod(shape) * dtype.itemsize))  # about 256 MiB per part
+
+    def open_store(verify: bool) -> ArrayStore:
+        return ArrayStore(config.cache_dir, signature=signature, shape=shape, dtype=dtype, part_rows=part_rows,
+                          verify=verify)
+
+    # Rank 0 checks every part's checksum (a full read of the cache) and sets damaged parts aside;
+    # the other ranks then open what is left without reading it all again.
+    store = open_store(verify=True) if rank == 0 else None
+    _barrier(world)
+    if store is None:
+        store = open_store(verify=False)
+    keys, unreadable = _shared_content_keys(images, rank, world, memo=Path(config.cache_dir) / HASH_MEMO)
+    if any(key is not None and key not in store for key in keys):
+        trunk.to(model.device)
+        decode = build_feature_cache(model, images, keys, store, preprocess, num_workers=config.num_workers,
+                                     rank=rank, world=world, progress=show)
+        unreadable.update(decode)
+        trunk.cpu()
+        _barrier(world)
+        store.refresh()
+    for row, reason in sorted(unreadable.items()):
+        failures[str(images[row])] = reason
+        logger.warning("%s: %s (treated as missing)", images[row], reason)
+    absent = [n for n, key in enumerate(keys) if key is not None and key not in store and n not in unreadable]
+    if absent:  # decoded by another rank, which logged why
+        logger.warning("%d image(s) could not be cached by another rank (treated as missing)", len(absent))
+    logger.info("feature cache %s: %d entries", store.folder, len(store))
+    return store, keys
+
+
+def _shared_content_keys(images: Sequence[ImageSource], rank: int, world: int, *, memo: Path
+                         ) -> tuple[list[str | None], dict[int, str]]:
+    """:func:`~nearid_metric.cache.content_keys` of ``images`` (hashes remembered in ``memo``),
+    each rank hashing every ``world``-th file."""
+    mine = list(range(rank, len(images), world))
+    keys, failures = content_keys([images[i] for i in mine], memo=memo)
+    if world == 1:
+        return keys, failures
+    shares: list[Any] = [None] * world
+    dist.all_gather_object(shares, (mine, keys, {mine[i]: reason for i, reason in failures.items()}))
+    every: list[str | None] = [None] * len(images)
+    unreadable: dict[int, str] = {}
+    for rows, share_keys, share_failures in shares:
+        for row, key in zip(rows, share_keys):
+            every[row] = key
+        unreadable.update(share_failures)
+    return every, dict(sorted(unreadable.items()))
+
+
+def _check_resumable(state: dict[str, Any], config: TrainConfig, path: Path) -> None:
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: checkpoint format {state.get('format')!r}, this version reads {CHECKPOINT_FORMAT}")
+    differ = [k for k in RUN_FIELDS if state["config"].get(k) != getattr(config, k)]
+    if differ:
+        detail = ", ".join(f"{k}: {state['config'].get(k)!r} -> {getattr(config, k)!r}" for k in differ)
+        raise ValueError(f"{path} belongs to a run with other settings ({detail}); use another --out")
+
+
+def _save_checkpoint(path: Path, head: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, epoch: int,
+                     position: int, history: list, config: TrainConfig) -> None:
+    """Write the resumable state atomically (a kill mid-write leaves the previous checkpoint)."""
+    state = {"format": CHECKPOINT_FORMAT, "version": __version__, "step": step, "epoch": epoch, "batch": position,
+             "head": head.state_dict(), "optimizer": optimizer.state_dict(),
+             "config": {k: getattr(config, k) for k in RUN_FIELDS}, "history": history}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _append_log(out: Path, record: dict[str, Any]) -> None:
+    with open(out / "log.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}%"
