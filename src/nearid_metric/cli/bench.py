@@ -6,7 +6,6 @@ Formats and decisions: ``docs/protocol.md``, section "Running the benchmark".
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,27 +26,19 @@ from nearid_metric.bench import (
     write_results,
     write_similarities,
 )
-from nearid_metric.cli.common import (
-    EXIT_NOTHING_SCORED,
-    EXIT_OK,
-    add_ci_arguments,
-    add_model_arguments,
-    load_scorers,
-    run_command,
-)
+from nearid_metric.cli.common import EXIT_NOTHING_SCORED, EXIT_OK, add_ci_arguments, add_model_arguments
+from nearid_metric.cli.common import command_parser, load_scorers, logger, run_command
 from nearid_metric.data import MTGSample, NearIDSample
 from nearid_metric.outputs import write_json
 from nearid_metric.scorer import Scorer
 from nearid_metric.similarity import unique_images
 
-logger = logging.getLogger("nearid_metric")
-
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="nearid-bench",
-        description="Run scorers over the NearID or MTG benchmark: per-sample similarities (each image embedded "
-                    "once per model) and SSR / PA / H per model and group, in percent. Give one data source.",
+    parser = command_parser(
+        "nearid-bench",
+        "Run scorers over the NearID or MTG benchmark: per-sample similarities (each image embedded "
+        "once per model) and SSR / PA / H per model and group, in percent. Give one data source.",
     )
     source = parser.add_argument_group("data (one source per run)")
     source.add_argument("--nearid-folder", nargs="+", type=Path, metavar="ROOT",
@@ -78,7 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path,
                         help="folder for similarities.csv, table.csv, table.json and summary.json")
     parser.add_argument("--strict", action="store_true", help="exit 1 if any image or mask could not be read")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
 

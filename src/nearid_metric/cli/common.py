@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from nearid_metric._version import __version__
 from nearid_metric.hub import ChecksumError
 from nearid_metric.scorer import PRECISIONS, Scorer
 from nearid_metric.scorers import create_scorer, list_scorers
@@ -38,6 +39,14 @@ def stderr_logging(prog: str) -> Iterator[logging.Logger]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+def command_parser(prog: str, description: str, *, version: bool = True) -> argparse.ArgumentParser:
+    """A command's parser, with ``--version`` (printing ``prog`` and the package version) unless ``version=False``."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    if version:
+        parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
 
 
 def run_command(prog: str, command: Callable[[], int], *, error_code: int = EXIT_USAGE,

@@ -1,10 +1,10 @@
-"""``nearid-score download``: fetch a scorer's weights and check their sha256 (:func:`nearid_metric.hub.download_checkpoint`)."""
+"""``nearid-score download``: fetch a scorer's weights and check their sha256
+(:func:`nearid_metric.hub.download_checkpoint`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import shlex
 import sys
 from pathlib import Path
@@ -12,21 +12,21 @@ from pathlib import Path
 from nearid_metric.cli.common import (
     EXIT_NOTHING_SCORED,
     EXIT_OK,
+    command_parser,
+    logger,
     parse_models,
     run_command,
 )
 from nearid_metric.hub import ChecksumError, Download, download_checkpoint, registry
 from nearid_metric.scorers import list_scorers, scorer_info
 
-logger = logging.getLogger("nearid_metric")
-
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="nearid-score download",
-        description="Fetch a scorer's weights into the Hugging Face cache (or --to DIR), check each file's sha256 "
-                    "against the registry (or print it when none is recorded) and print the --model value that "
-                    "loads them offline.",
+    parser = command_parser(
+        "nearid-score download",
+        "Fetch a scorer's weights into the Hugging Face cache (or --to DIR), check each file's sha256 "
+        "against the registry (or print it when none is recorded) and print the --model value that "
+        "loads them offline.", version=False,
     )
     parser.add_argument("--model", default="nearid",
                         help=f"comma-separated scorers ({', '.join(list_scorers())}); NAME=WEIGHTS for a registry "

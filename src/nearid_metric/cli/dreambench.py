@@ -7,18 +7,18 @@ See ``docs/dreambench.md`` ("The nearid-dreambench command"); the numbers are
 from __future__ import annotations
 
 import argparse
-import logging
 import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from nearid_metric._version import __version__
 from nearid_metric.cli.common import EXIT_NOTHING_SCORED as EXIT_PROBLEMS
 from nearid_metric.cli.common import (
     EXIT_OK,
     add_model_arguments,
+    command_parser,
     load_scorers,
+    logger,
     parse_models,
     run_command,
 )
@@ -50,19 +50,16 @@ from nearid_metric.dreambench_data import (
     write_mh_tables,
 )
 
-logger = logging.getLogger("nearid_metric")
-
-
 DEFAULT_OUT = Path("dreambench_scores")
 """Where ``nearid-dreambench --images`` saves its scores and tables unless ``--out`` says otherwise."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="nearid-dreambench",
-        description="DreamBench++ human alignment (MH): score each method's generated images against the "
-                    "references, or read saved scores, and correlate them with the human concept-preservation "
-                    "ratings, per category and over the 4 categories.",
+    parser = command_parser(
+        "nearid-dreambench",
+        "DreamBench++ human alignment (MH): score each method's generated images against the "
+        "references, or read saved scores, and correlate them with the human concept-preservation "
+        "ratings, per category and over the 4 categories.",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", type=Path, metavar="DIR",
@@ -91,7 +88,6 @@ def build_parser() -> argparse.ArgumentParser:
                              "method, with a warning; by default a missing score is an error")
     add_model_arguments(parser)
     parser.set_defaults(model=None)  # nearid, for --images; given with --scores it is a usage error
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
 
@@ -131,7 +127,8 @@ def _command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             return EXIT_PROBLEMS
         out = args.out if args.out is not None else DEFAULT_OUT
     else:
-        rows = [load_score_set(name, folder, methods, categories) for name, folder in find_score_folders(args.scores, methods)]
+        rows = [load_score_set(name, folder, methods, categories)
+                for name, folder in find_score_folders(args.scores, methods)]
         out = args.out
     check_coverage(rows, ratings, args.allow_missing)
 

@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import argparse
 import csv
-import logging
 import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-from nearid_metric._version import __version__
 from nearid_metric.cli import download
 from nearid_metric.cli.common import (
     EXIT_NOTHING_SCORED,
     EXIT_OK,
     add_ci_arguments,
     add_model_arguments,
+    command_parser,
     load_scorers,
+    logger,
     run_command,
 )
 from nearid_metric.distributed import (
@@ -36,14 +36,12 @@ from nearid_metric.report import describe_ci
 from nearid_metric.scorer import Scorer, score_pairs
 from nearid_metric.stats import mean_ci, summarize
 
-logger = logging.getLogger("nearid_metric")
-
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="nearid-score",
-        description="Identity similarity (NearID cosine, -1..1, higher = identity better kept) of generated "
-                    "images to reference images.",
+    parser = command_parser(
+        "nearid-score",
+        "Identity similarity (NearID cosine, -1..1, higher = identity better kept) of generated "
+        "images to reference images.",
     )
     parser.add_argument("ref", type=Path, help="reference image folder (searched recursively) or file")
     parser.add_argument("gen", type=Path, help="generated image folder (searched recursively) or file")
@@ -62,7 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--distributed", action="store_true",
                         help="share the work between the processes of a torchrun launch (implied when torchrun "
                              "starts more than one); rank 0 writes the results")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.epilog = "nearid-score download [--model NAME] [--revision R] [--to DIR]: fetch and check weights first."
     return parser
 

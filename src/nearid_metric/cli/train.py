@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from nearid_metric._version import __version__
-from nearid_metric.cli.common import EXIT_OK, run_command
+from nearid_metric.cli.common import EXIT_OK, command_parser, logger, run_command
 from nearid_metric.train.config import (
     FIELD_HELP,
     TrainConfig,
@@ -22,14 +20,12 @@ from nearid_metric.train.config import (
 )
 from nearid_metric.train.loop import train
 
-logger = logging.getLogger("nearid_metric")
-
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="nearid-train",
-        description="Train the NearID identity head on a frozen SigLIP2 trunk and export a checkpoint folder that "
-                    "NearIDScore loads. Settings: defaults (the paper's recipe) < CONFIG file < flags.",
+    parser = command_parser(
+        "nearid-train",
+        "Train the NearID identity head on a frozen SigLIP2 trunk and export a checkpoint folder that "
+        "NearIDScore loads. Settings: defaults (the paper's recipe) < CONFIG file < flags.",
     )
     parser.add_argument("config", nargs="?", type=Path, help="TOML or YAML file of settings (names as the flags)")
     for f in dataclasses.fields(TrainConfig):
@@ -48,7 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, type=int, **common)
         else:
             parser.add_argument(flag, **common)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
 

@@ -141,7 +141,8 @@ def build_feature_cache(model: TrainModel, images: Sequence[ImageSource], keys: 
         return failures
     logger.info("feature cache: computing the trunk tokens of %d image(s) into %s", len(missing), store.folder)
     loader = DataLoader(PreprocessedImages([images[r] for r in missing], [preprocess]), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=collate_preprocessed, pin_memory=model.device.type == "cuda")
+                        num_workers=num_workers, collate_fn=collate_preprocessed,
+                        pin_memory=model.device.type == "cuda")
     with tqdm(total=len(missing), unit="img", desc="features", disable=not progress) as bar:
         for indices, pixels, failed in loader:
             failures.update({missing[i]: reason for i, reason in failed.items()})
@@ -173,8 +174,8 @@ def evaluate(model: TrainModel, samples: Sequence[NearIDSample], *, preprocess: 
                 embeddings[[n for n, _ in chunk]] = F.normalize(model.embed({"tokens": tokens}), dim=-1).cpu()
                 bar.update(len(chunk))
         else:
-            loader = DataLoader(PreprocessedImages(images, [preprocess]), batch_size=batch_size, num_workers=num_workers,
-                                collate_fn=collate_preprocessed)
+            loader = DataLoader(PreprocessedImages(images, [preprocess]), batch_size=batch_size,
+                                num_workers=num_workers, collate_fn=collate_preprocessed)
             for indices, pixels, failed in loader:
                 if pixels is not None:
                     embeddings[indices] = F.normalize(model.embed({"pixels": pixels[0]}), dim=-1).cpu()
@@ -291,7 +292,8 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
     while epoch < config.epochs and not stopped:
         batches = epoch_batches(len(train_samples), config.batch_size, config.seed, epoch)
         shards = [np.array_split(b, world)[rank] for b in batches[position:]]
-        loader = DataLoader(TrainingBatches(shards, slots, identities, images, preprocess, store, keys), batch_size=None,
+        batches_data = TrainingBatches(shards, slots, identities, images, preprocess, store, keys)
+        loader = DataLoader(batches_data, batch_size=None,
                             num_workers=config.num_workers, pin_memory=device.type == "cuda")
         with tqdm(total=len(batches), initial=position, unit="step", desc=f"epoch {epoch + 1}/{config.epochs}",
                   disable=not show) as bar:
