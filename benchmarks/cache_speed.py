@@ -5,7 +5,7 @@ N random JPEG files (sizes cycling as in ``embed_speed.py``) are written to a te
 folder, half under ``ref/`` and half under ``gen/`` with the same names (N/2 pairs, N
 distinct images), next to random full-size SigLIP2 so400m/14-384 weights in the released
 NearID folder format (written by ``embed_speed.write_random_checkpoint``). Then, in one
-process, ``nearid-score``'s own entry point (``nearid_metric.cli.main``) runs three times:
+process, ``nearid-score``'s own entry point (``nearid_metric.cli.score.main``) runs three times:
 
 * **uncached**: no ``--cache``;
 * **cold**: ``--cache DIR`` on an empty DIR (everything embedded and stored);
@@ -48,7 +48,7 @@ import torch  # noqa: E402
 from embed_speed import IMAGE_SIZES, MODELS, log, machine_description, random_image, timed  # noqa: E402
 from embed_speed import write_random_checkpoint  # noqa: E402
 
-from nearid_metric import cli  # noqa: E402
+from nearid_metric.cli import common, score  # noqa: E402
 from nearid_metric.scorer import PRECISIONS  # noqa: E402
 
 TARGET_RATIO = 50.0  # the issue's target: a cached re-run >= 50x faster than an uncached one
@@ -67,13 +67,13 @@ def make_folders(root: Path, n: int, seed: int) -> tuple[Path, Path]:
 
 
 def score_once(argv: list[str], out: Path, device: torch.device) -> dict:
-    """One ``nearid-score`` run (``cli.main(argv)``, writing to ``out``), with the model loading timed apart.
+    """One ``nearid-score`` run (``score.main(argv)``, writing to ``out``), with the model loading timed apart.
 
     ``score_s`` is everything else: listing and pairing the files, hashing them, embedding or
     reading the cache, the statistics and the output files.
     """
     loads = []
-    real_load = cli.load_scorers
+    real_load = score.load_scorers
 
     def timed_load(*args, **kwargs):
         seconds, scorers, _ = timed(lambda: real_load(*args, **kwargs), device)
@@ -81,13 +81,13 @@ def score_once(argv: list[str], out: Path, device: torch.device) -> dict:
         return scorers
 
     stdout = io.StringIO()
-    cli.load_scorers = timed_load  # main() looks it up in the module when it runs
+    score.load_scorers = timed_load  # main() looks it up in the module when it runs
     try:
         with contextlib.redirect_stdout(stdout):  # the run's own report (count, mean, signature)
-            total_s, code, share = timed(lambda: cli.main([*argv, "--out", str(out)]), device)
+            total_s, code, share = timed(lambda: score.main([*argv, "--out", str(out)]), device)
     finally:
-        cli.load_scorers = real_load
-    if code != cli.EXIT_OK:
+        score.load_scorers = real_load
+    if code != common.EXIT_OK:
         raise RuntimeError(f"nearid-score {shlex.join(argv)} exited with {code}:\n{stdout.getvalue()}")
     summary = json.loads((out / "summary.json").read_text())
     return {"load_s": sum(loads), "score_s": total_s - sum(loads), "cpu_share": share,

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Training epoch time of ``nearid-train``: trunk tokens from the feature cache vs through the trunk.
 
-One process runs :func:`nearid_metric.train.train` three times on the same synthetic NearID
+One process runs :func:`nearid_metric.train.loop.train` three times on the same synthetic NearID
 folder (JPEG files; every sample has 3 views and 3 distractors), from the same random
 SigLIP2 weights (full-size so400m/14-384 by default, written once in the released folder
 format by ``embed_speed.write_random_checkpoint``), with the same seed and settings:
@@ -41,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from embed_speed import MODELS, IMAGE_SIZES, machine_description, random_image, write_random_checkpoint  # noqa: E402
 
 import nearid_metric.train as training  # noqa: E402
-from nearid_metric.train import TrainConfig, train  # noqa: E402
+from nearid_metric.train.config import TrainConfig  # noqa: E402
+from nearid_metric.train.loop import train  # noqa: E402
 
 SLOT_FILES = tuple(f"view_{k}.jpg" for k in range(3)) + tuple(f"distractor_{k}.jpg" for k in range(3))
 

@@ -299,7 +299,7 @@ def score_runs(
     """Score the ``(key, reference, generation)`` pairs of every run with every scorer.
 
     ``runs`` is {method: pairs}, the pairs as from :func:`run_pairs`; ``scorers`` is
-    {column: Scorer}, e.g. from ``nearid_metric.cli.load_scorers``. All pairs go through one
+    {column: Scorer}, e.g. from :func:`nearid_metric.create_scorer`. All pairs go through one
     :func:`nearid_metric.scorer.score_pairs` pass (which takes the keyword arguments): each
     distinct image is decoded once and embedded once per scorer; images are told apart by
     content, so a ``src_image/`` shared between runs (symlinked or copied) is read once.

@@ -1,4 +1,4 @@
-"""``nearid-train``: train the NearID head (:func:`nearid_metric.train.train`) from a config file and flags.
+"""``nearid-train``: train the NearID head (:func:`nearid_metric.train.loop.train`) from a config file and flags.
 
 Also runs as ``torchrun --nproc-per-node N -m nearid_metric.train CONFIG``.
 """
