@@ -245,8 +245,8 @@ def test_from_csv_of_a_judge_without_labels(tmp_path, capsys):
     mtg.write_text("sim_1_2,sim_1_1p,sim_1_2p,sim_2_2p,sim_2_1p\n0.9,0.5,0.4,0.3,0.2\n0.5,0.6,0.1,0.2,0.3\n")
     assert run_bench("--from-csv", mtg, "--out", out) == 0
     [row, _] = json.loads((out / "table.json").read_text())["rows"]
-    # m1, m2: (+0.4, +0.6) and (-0.1, +0.3): SSR 1/2, PA (3 + 2 mean wins) / (4 + 2)
-    assert (row["SSR"], row["PA"], row["MO"], row["n_samples"]) == (50.0, pytest.approx(500 / 6), None, 2)
+    # m1, m2: (+0.4, +0.6) and (-0.1, +0.3): SSR 1/2, PA 3 / 4 (MTG: term wins over terms, no mean trial)
+    assert (row["SSR"], row["PA"], row["MO"], row["n_samples"]) == (50.0, 75.0, None, 2)
     assert "no oracle_1/oracle_2 columns" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         run_bench("--from-csv", judge, mtg)

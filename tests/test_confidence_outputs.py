@@ -209,7 +209,8 @@ def test_mtg_rows_have_intervals():
     group, pooled = bench.mtg_results(table)
     result = score_mtg_samples({k: table[k] for k in ("sim_1_2", "sim_1_1p", "sim_1_2p", "sim_2_2p", "sim_2_1p")},
                                table["oracle_1"], table["oracle_2"], per_sample=True)
-    units = bench.rate_units(result)
+    units = bench.rate_units(result, mean_trial=False)  # MTG's PA: term wins over terms, no mean trial
+    assert group["PA"] == pytest.approx(units["PA"][0].sum() / units["PA"][1].sum())
     assert (group["PA_ci_low"], group["PA_ci_high"]) == bootstrap_ratio_ci(*units["PA"])
     assert (pooled["SSR_ci_low"], pooled["SSR_ci_high"]) == (group["SSR_ci_low"], group["SSR_ci_high"])
 

@@ -252,7 +252,8 @@ def test_mtg_oracles_from_masks(tmp_path):
     oracle_1, oracle_2 = mtg_oracles(samples)
     assert oracle_1.dtype == np.float64 and oracle_2.dtype == np.float64
     np.testing.assert_allclose(oracle_1, [1 - 10 / 50, 0.0])  # empty object mask -> ratio 1 -> 0
-    assert oracle_2[0] == pytest.approx(0.0) and np.isnan(oracle_2[1])  # missing object mask
+    assert oracle_2[0] == pytest.approx(0.0) and oracle_2[1] == 0.0  # missing object mask: 0, as the reference
+    assert np.isnan(mtg_oracles(samples, missing=float("nan"))[1][1])  # the stricter variant
 
     bad = MTGSample("bad", "g", None, None, None, None, EncodedImage("obj", b"junk"), None,
                     EncodedImage("part", png(0)), None)
@@ -266,7 +267,7 @@ def test_mtg_oracles_from_masks(tmp_path):
     # collecting failures instead: each bad view is NaN and named, the good views keep their oracle
     failures: dict[str, str] = {}
     oracle_1, oracle_2 = mtg_oracles([bad, wrong, *samples], failures=failures)
-    assert np.isnan(oracle_1[:2]).all() and np.isnan(oracle_2[:2]).all()
+    assert np.isnan(oracle_1[:2]).all() and (oracle_2[:2] == 0.0).all()  # view 2: no masks at all -> 0
     np.testing.assert_allclose(oracle_1[2:], [1 - 10 / 50, 0.0])
     assert set(failures) == {"obj", "part"}
     assert "masks obj and part" in failures["part"]

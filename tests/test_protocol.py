@@ -317,11 +317,13 @@ def test_mtg_margins_by_hand():
     # row 2: +1/6, -0.0625 -> mean wins; row 3: -7/6, +0.0625 -> loses
     # row 4: NaN, +0.25 -> one term, wins
     # 5 samples, 9 terms, 6 term wins; strict wins 2, mean wins 4
-    assert (result["n_samples"], result["n_terms"], result["n_trials"], result["n_excluded"]) == (5, 9, 14, 0)
+    # MTG's PA is the plain term rate (no mean-based trial, unlike NearID's): 6 / 9, so n_trials = n_terms
+    assert (result["n_samples"], result["n_terms"], result["n_trials"], result["n_excluded"]) == (5, 9, 9, 0)
     assert result["SSR"] == 40.0
     assert result["SSR_mean"] == 80.0
-    assert result["PA"] == pytest.approx(1000 / 14)
+    assert result["PA"] == pytest.approx(600 / 9)
     assert result["PA_terms"] == pytest.approx(600 / 9)
+    assert result["H"] == pytest.approx(2 * 40 * (600 / 9) / (40 + 600 / 9))
     assert result["per_sample"]["margins"].shape == (5, 2)
 
 
@@ -350,13 +352,27 @@ def test_mtg_undefined_correlations_are_named(caplog):
     with caplog.at_level(logging.WARNING, logger="nearid_metric.protocol"):
         result = score_mtg_samples(sims, oracle_1, np.full(5, 0.5))  # constant oracle_2
     assert result["undefined_r"] == ("r_2_2p", "r_1_2p")
-    assert math.isnan(result["r_2_2p"]) and math.isnan(result["MO"]) and math.isnan(result["MO_strict"])
+    assert math.isnan(result["r_2_2p"]) and math.isnan(result["r_1_2p"])
     assert "r_2_2p" in caplog.text
-    # only a cross-view correlation undefined (sim_2_1p has fewer than 2 rows): MO NaN, MO_strict defined
+    # as the reference: an undefined r counts as 0 in MO; the _nan variants are NaN instead
+    r_2_1p = pearsonr(sims["sim_2_1p"], oracle_1)[0]
+    assert result["MO_strict"] == pytest.approx(math.tanh((math.atanh(0.6) + 0.0) / 2), abs=1e-12)
+    assert result["MO"] == pytest.approx(math.tanh((math.atanh(0.6) + math.atanh(r_2_1p)) / 4), abs=1e-12)
+    assert math.isnan(result["MO_nan"]) and math.isnan(result["MO_strict_nan"])
+    # a constant cross-view similarity: r_2_1p counts as 0 in MO only; MO_strict and MO_strict_nan defined
+    sims["sim_2_1p"] = np.full(5, 0.5)
+    result = score_mtg_samples(sims, oracle_1, oracle_2)
+    assert result["undefined_r"] == ("r_2_1p",) and result["n_r_2_1p"] == 5
+    assert math.isnan(result["MO_nan"]) and result["MO_strict_nan"] == pytest.approx(-0.2, abs=1e-12)
+    assert result["MO_strict"] == pytest.approx(-0.2, abs=1e-12)
+    assert result["MO"] == pytest.approx(math.tanh((math.atanh(0.6) + math.atanh(-0.8) + math.atanh(0.999)) / 4),
+                                         abs=1e-12)
+    # fewer than 2 rows is no data, not a constant: MO is NaN (as without oracles), MO_strict still defined
     sims["sim_2_1p"] = np.array([NAN, NAN, NAN, 0.5, NAN])
     result = score_mtg_samples(sims, oracle_1, oracle_2)
     assert result["undefined_r"] == ("r_2_1p",) and result["n_r_2_1p"] == 1
-    assert math.isnan(result["MO"]) and result["MO_strict"] == pytest.approx(-0.2, abs=1e-12)
+    assert math.isnan(result["MO"]) and math.isnan(result["MO_nan"])
+    assert result["MO_strict"] == pytest.approx(-0.2, abs=1e-12)
 
 
 def test_mtg_pools_like_nearid():

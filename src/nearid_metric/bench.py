@@ -68,7 +68,7 @@ CI_RATES = ("SSR", "PA")
 
 RATES = ("SSR", "SSR_ci_low", "SSR_ci_high", "PA", "PA_ci_low", "PA_ci_high", "H", "SSR_mean", "PA_terms", "H_mean")
 COUNTS = ("n_samples", "n_terms", "n_trials", "n_excluded")
-CORRELATIONS = ("MO", "MO_strict", *(key for key, _, _ in MTG_ALIGNMENT))
+CORRELATIONS = ("MO", "MO_strict", "MO_nan", "MO_strict_nan", *(key for key, _, _ in MTG_ALIGNMENT))
 NEARID_TABLE = ("model", "group", "signature", *RATES, *COUNTS)
 MTG_TABLE = (*NEARID_TABLE, *CORRELATIONS, *(f"n_{key}" for key, _, _ in MTG_ALIGNMENT))
 """Columns of ``table.csv`` per benchmark (``table.json`` rows have the same keys, MTG adds ``undefined_r``)."""
@@ -170,20 +170,22 @@ def nearid_results(table: Mapping[str, Any], *, ci_resamples: int | None = BOOTS
     return rows
 
 
-def rate_units(scored: Mapping[str, Any], rows: np.ndarray | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def rate_units(scored: Mapping[str, Any], rows: np.ndarray | None = None, *,
+               mean_trial: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per scored sample, the numerator (in percent) and denominator of SSR and PA.
 
     ``scored``: a result with ``per_sample`` (``score_nearid_samples`` / ``score_mtg_samples``
     with ``per_sample=True``); ``rows``: a boolean mask of the samples to take (default all).
-    SSR: 100 x (all valid terms win) over 1; PA: 100 x (term wins + mean win) over (valid terms
-    + 1). Summed over samples and divided, they give the rates; samples without a valid term
-    are left out.
+    SSR: 100 x (all valid terms win) over 1. PA: 100 x (term wins + mean win) over (valid terms
+    + 1) with ``mean_trial`` (NearID's PA), else 100 x term wins over valid terms (MTG's PA).
+    Summed over samples and divided, they give the rates; samples without a valid term are left out.
     """
     per = scored["per_sample"]
     valid = per["sample_valid"] if rows is None else per["sample_valid"] & np.asarray(rows, dtype=bool)
-    pa_wins = per["wins"].sum(axis=1) + per["sample_mean_win"]
+    extra = 1.0 if mean_trial else 0.0
+    pa_wins = per["wins"].sum(axis=1) + (per["sample_mean_win"] if mean_trial else 0)
     return {"SSR": (100.0 * per["sample_win"][valid], np.ones(int(valid.sum()))),
-            "PA": (100.0 * pa_wins[valid], (per["valid"].sum(axis=1) + 1.0)[valid])}
+            "PA": (100.0 * pa_wins[valid], (per["valid"].sum(axis=1) + extra)[valid])}
 
 
 def rate_cis(units: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]], resamples: int | None,
@@ -237,7 +239,7 @@ def mtg_results(table: Mapping[str, Any], *, ci_resamples: int | None = BOOTSTRA
         units = {}
         for group in sorted(set(groups[mine].tolist())):
             result = score(mine & (groups == group))
-            units[group] = rate_units(result)
+            units[group] = rate_units(result, mean_trial=False)
             cis = rate_cis({group: units[group]}, ci_resamples, ci_seed)
             out.append(_result_row(model, group, signature, result | cis, MTG_TABLE))
         out.append(_result_row(model, ALL, signature, score(mine) | rate_cis(units, ci_resamples, ci_seed), MTG_TABLE))

@@ -225,7 +225,8 @@ def pool_results(results: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
 
     SSR and SSR_mean are weighted by ``n_samples``, PA by ``n_trials``, PA_terms by ``n_terms``;
     H and H_mean are recomputed from the pooled rates; counts are summed. This equals scoring the
-    union of the samples. Works on rows read back from a saved table (NearID or MTG rates).
+    union of the samples. Works on rows read back from a saved table, of NearID or of MTG rates
+    (not mixed: their PAs count trials differently).
     """
     rows = list(results)
     pooled: dict[str, Any] = {}
@@ -239,9 +240,17 @@ def pool_results(results: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
                 raise ValueError(f"result {i} has '{count}' = {row[count]!r}, not a count")
             values.append(int(value))
         pooled[count] = sum(values)
+    # NearID's PA has one mean-based trial per sample (n_trials = n_terms + n_samples), MTG's none
+    # (n_trials = n_terms); rows of one pool must agree
+    kinds = set()
     for i, row in enumerate(rows):
-        if int(row["n_trials"]) != int(row["n_terms"]) + int(row["n_samples"]):
-            raise ValueError(f"result {i}: n_trials != n_terms + n_samples")
+        trials, terms, samples = int(row["n_trials"]), int(row["n_terms"]), int(row["n_samples"])
+        if trials not in (terms + samples, terms):
+            raise ValueError(f"result {i}: n_trials is neither n_terms + n_samples (NearID) nor n_terms (MTG)")
+        if samples:
+            kinds.add(trials == terms)
+    if len(kinds) > 1:
+        raise ValueError("results mix NearID rates (PA with a mean trial per sample) and MTG rates (PA over terms)")
     for rate, weight in _POOL_WEIGHTS.items():
         total, weighted = 0, 0.0
         for i, row in enumerate(rows):
@@ -278,20 +287,25 @@ def score_mtg_samples(
     win_threshold: float = 0.0,
     per_sample: bool = False,
 ) -> dict[str, Any]:
-    """Score a set of MTG (part-level) samples (spec section 3).
+    """Score a set of MTG (part-level) samples (spec section 3), as the reference computed the published numbers.
 
     ``sims``: the five columns ``sim_1_2, sim_1_1p, sim_1_2p, sim_2_2p, sim_2_1p`` (all required;
     NaN = missing), N rows each. ``oracle_1``, ``oracle_2``: [N] oracles of views 1 and 2
     (``mtg_oracle``; NaN = unknown). Margins ``m1 = sim_1_2 - sim_1_1p``,
     ``m2 = sim_1_2 - sim_2_2p`` are scored like NearID terms (same keys, percent; ``per_sample``
-    margins are [N, 2]).
+    margins are [N, 2]), except that MTG's ``PA`` is the plain pooled term rate (term wins /
+    valid terms, = ``PA_terms``; ``n_trials`` = ``n_terms``): the reference's MTG code adds no
+    mean-based trial, unlike its NearID code. ``H`` uses that PA.
 
     Alignment (plain numbers): ``r_1_1p`` (sim_1_1p vs oracle_1), ``r_2_2p`` (sim_2_2p vs
     oracle_2), ``r_1_2p`` (sim_1_2p vs oracle_2), ``r_2_1p`` (sim_2_1p vs oracle_1), each Pearson
-    over the rows where both are finite, with that row count in ``n_r_1_1p`` etc. ``MO`` is the
-    Fisher-z mean (clip 0.999) of the four, ``MO_strict`` of ``r_1_1p`` and ``r_2_2p``. A
-    correlation with fewer than 2 rows or a constant side is NaN, is listed in ``undefined_r``
-    and makes every MO that uses it NaN (logged as a warning).
+    over the rows where both are finite, with that row count in ``n_r_1_1p`` etc. A correlation
+    with fewer than 2 rows or a constant side is undefined: NaN in its own column and listed in
+    ``undefined_r`` (logged as a warning). ``MO`` is the Fisher-z mean (clip 0.999) of the four,
+    ``MO_strict`` (the reference's MOpair) of ``r_1_1p`` and ``r_2_2p``. A correlation undefined by
+    a constant side counts as r = 0 there, as the reference did; one with fewer than 2 rows (no
+    data, e.g. no oracles) makes them NaN. ``MO_nan`` and ``MO_strict_nan`` are the stricter
+    variants, NaN when any correlation they combine is undefined.
     """
     missing = [name for name in MTG_COLUMNS if name not in sims]
     if missing:
@@ -301,6 +315,8 @@ def score_mtg_samples(
     oracles = {1: _column("oracle_1", oracle_1, n_rows), 2: _column("oracle_2", oracle_2, n_rows)}
 
     result = _score_margins(_margins(columns, MTG_TERMS, n_rows), win_threshold, per_sample)
+    result["PA"], result["n_trials"] = result["PA_terms"], result["n_terms"]
+    _with_h(result)
     rs: dict[str, float] = {}
     for key, column, view in MTG_ALIGNMENT:
         x, y = columns[column], oracles[view]
@@ -310,12 +326,20 @@ def score_mtg_samples(
         result["n_" + key] = int(both.sum())
     undefined = tuple(key for key, r in rs.items() if np.isnan(r))
     if undefined:
-        logger.warning("MTG correlations undefined (fewer than 2 rows or a constant side): %s", ", ".join(undefined))
+        logger.warning("MTG correlations undefined (fewer than 2 rows or a constant side): %s; a constant side "
+                       "counts as r = 0 in MO", ", ".join(undefined))
     strict = [key for key, _, _ in MTG_ALIGNMENT[:2]]
-    result["MO"] = float("nan") if undefined else fisher_z_mean(rs.values(), MTG_FISHER_CLIP)
-    result["MO_strict"] = (
-        float("nan") if set(strict) & set(undefined) else fisher_z_mean([rs[k] for k in strict], MTG_FISHER_CLIP)
-    )
+    # constant side: r = 0 (the reference); fewer than 2 rows: NaN, which fisher_z_mean refuses
+    as_zero = {key: 0.0 if key in undefined and result["n_" + key] >= 2 else r for key, r in rs.items()}
+
+    def combine(keys: Sequence[str]) -> float:
+        values = [as_zero[k] for k in keys]
+        return float("nan") if any(np.isnan(values)) else fisher_z_mean(values, MTG_FISHER_CLIP)
+
+    result["MO"] = combine(list(rs))
+    result["MO_strict"] = combine(strict)
+    result["MO_nan"] = float("nan") if undefined else result["MO"]
+    result["MO_strict_nan"] = float("nan") if set(strict) & set(undefined) else result["MO_strict"]
     result["undefined_r"] = undefined
     return result
 

@@ -121,19 +121,21 @@ def mtg_similarities(samples: Sequence[MTGSample], embeddings: Any,
     return {name: _cosines(matrix, rows[a], rows[b]) for name, (a, b) in _MTG_PAIRS.items()}
 
 
-def mtg_oracles(samples: Sequence[MTGSample],
-                failures: dict[str, str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def mtg_oracles(samples: Sequence[MTGSample], failures: dict[str, str] | None = None, *,
+                missing: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Oracle similarity of view 1 and view 2 per sample: ``1 - part area / object area``; [N] float64 each.
 
     The decoded masks go to :func:`nearid_metric.protocol.mtg_oracle` (binarised at > 0 there;
-    0 when the object mask is empty). NaN where a mask is missing. An unreadable mask raises
+    0 when the object mask is empty). A view with a missing (None) object or part mask gets
+    ``missing``: 0, as the reference did (its oracle of a missing mask is 0); pass NaN for the
+    stricter variant that leaves such views out of the correlations. An unreadable mask raises
     :class:`~nearid_metric.images.ImageLoadError`, masks of different sizes ``ValueError``, each
     naming the mask; with ``failures`` given, that view's oracle is NaN instead and the problem
     is recorded there (``{mask name: reason}``), so one bad mask loses only its own view.
     """
     def oracle(object_mask: ImageSource | None, part_mask: ImageSource | None) -> float:
         if object_mask is None or part_mask is None:
-            return float("nan")
+            return missing
         try:
             return mtg_oracle(load_image(object_mask), load_image(part_mask))
         except ImageLoadError as e:
