@@ -20,6 +20,7 @@ from conftest import random_image
 
 from nearid_metric import bench, data
 from nearid_metric.cli.bench import main
+from nearid_metric.folders import read_nearid_folder
 from nearid_metric.images import EncodedImage
 from nearid_metric.protocol import pool_groups, score_mtg_samples, score_nearid_groups, score_nearid_samples
 
@@ -41,7 +42,7 @@ PAIRS = {
     **{f"cross_{i}{j}": ("view", i, "distractor", j) for i in range(3) for j in range(3)},
     **{f"neg_sim_{i}{j}": ("distractor", i, "distractor", j) for i, j in ((0, 1), (0, 2), (1, 2))},
 }
-LABELS = ["id", "group", "model", "signature"]
+LABELS = ["id", "group", "model", "signature", "mask"]
 
 
 def png(seed: int) -> bytes:
@@ -325,9 +326,9 @@ def test_console_script_with_worker_processes(tmp_path, checkpoint_dir):
 
 def test_python_api(tmp_path, scorer):
     nearid_folders(tmp_path / "data")
-    samples = data.read_nearid_folder(tmp_path / "data")
+    samples = read_nearid_folder(tmp_path / "data")
     table, failures = bench.nearid_similarity_table(samples, {"mine": scorer})
-    assert list(table)[:4] == LABELS and table["sim_01"].dtype == np.float64 and len(table["sim_01"]) == 6
+    assert list(table)[:5] == LABELS and table["sim_01"].dtype == np.float64 and len(table["sim_01"]) == 6
     assert set(table["model"]) == {"mine"} and len(failures) == 2
     rows = bench.nearid_results(table)
     assert [(r["model"], r["group"]) for r in rows] == [("mine", "flux"), ("mine", "powerpaint"), ("mine", "all")]
@@ -365,7 +366,7 @@ def test_group_names_and_hf_flags(tmp_path, checkpoint_dir, monkeypatch):
     assert run_bench("--hf", "--positives", "org/NearID", "--distractors", "org/NearID-Flux", "--split", "test",
                      "--data-revision", "v1", "--model", checkpoint_dir, "--out", out) == 0
     assert calls == [("org/NearID", "org/NearID-Flux",
-                      {"distractor_prefix": "auto", "group": None, "split": "test", "revision": "v1"})]
+                      {"distractor_prefix": "auto", "group": None, "select": None, "split": "test", "revision": "v1"})]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["sources"] == [{"type": "nearid-hf", "positives": ["org/NearID"], "distractors": "org/NearID-Flux",
                                    "groups": ["hub"], "split": "test", "revision": "v1"}]

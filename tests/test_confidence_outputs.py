@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import random_image
 
-from nearid_metric import NearIDMetric, bench
+from nearid_metric import NearIDMetric, bench, bench_files
 from nearid_metric.cli.bench import main as bench_main
 from nearid_metric.cli.score import main as score_main
 from nearid_metric.protocol import score_mtg_samples, score_nearid_samples
@@ -162,7 +162,7 @@ def test_bench_tables_have_ssr_pa_intervals_from_the_samples(tmp_path, capsys):
     assert (easy["PA_ci_low"], easy["PA_ci_high"]) == (100.0, 100.0)
 
     # the mixed group: resampling its samples, each carrying (term wins + mean win) / (terms + 1) for PA
-    _, table = bench.read_similarities([path])
+    _, table = bench_files.read_similarities([path])
     keep = table["group"] == "mixed"
     result = score_nearid_samples({k: v[keep] for k, v in table.items() if k.startswith(("sim", "cross"))},
                                   per_sample=True)
@@ -180,7 +180,7 @@ def test_bench_tables_have_ssr_pa_intervals_from_the_samples(tmp_path, capsys):
     assert width == pytest.approx(share * (mixed["SSR_ci_high"] - mixed["SSR_ci_low"]), rel=0.25)
 
     header = read_csv(out / "table.csv")[0]
-    assert list(header)[3:9] == ["SSR", "SSR_ci_low", "SSR_ci_high", "PA", "PA_ci_low", "PA_ci_high"]
+    assert list(header)[4:10] == ["SSR", "SSR_ci_low", "SSR_ci_high", "PA", "PA_ci_low", "PA_ci_high"]
     assert printed.splitlines()[0].split()[:6] == ["model", "group", "SSR", "SSR_CI95", "PA", "PA_CI95"]
     assert f"[{mixed['SSR_ci_low']:.2f},{mixed['SSR_ci_high']:.2f}]" in printed.splitlines()[2]
     summary = json.loads((out / "summary.json").read_text())
@@ -194,8 +194,8 @@ def test_bench_ci_none_and_seed(tmp_path, capsys):
     rows = read_csv(tmp_path / "none" / "table.csv")
     assert all(row[key] == "" for row in rows for key in ("SSR_ci_low", "PA_ci_high"))
     assert json.loads((tmp_path / "none" / "summary.json").read_text())["ci"] is None
-    a = bench.nearid_results(bench.read_similarities([path])[1], ci_seed=1)
-    b = bench.nearid_results(bench.read_similarities([path])[1], ci_seed=2)
+    a = bench.nearid_results(bench_files.read_similarities([path])[1], ci_seed=1)
+    b = bench.nearid_results(bench_files.read_similarities([path])[1], ci_seed=2)
     assert a[1]["PA"] == b[1]["PA"] and a[1]["PA_ci_low"] != b[1]["PA_ci_low"]
 
 

@@ -21,10 +21,10 @@ from nearid_metric.data import (
     NearIDSample,
     read_mtg_hf,
     read_mtg_parquet,
-    read_nearid_folder,
     read_nearid_hf,
     read_nearid_parquet,
 )
+from nearid_metric.folders import read_nearid_folder
 from nearid_metric.images import EncodedImage, ImageLoadError, load_image
 from nearid_metric.similarity import mtg_oracles, mtg_similarities, nearid_similarities, unique_images
 

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from nearid_metric import NearIDScore
-from nearid_metric.data import NearIDSample, read_nearid_folder
+from nearid_metric.data import NearIDSample
+from nearid_metric.folders import read_nearid_folder
 from nearid_metric.model import load_checkpoint_trunk
 from nearid_metric.preprocess import PreprocessConfig, preprocess
 from nearid_metric.protocol import score_nearid_samples

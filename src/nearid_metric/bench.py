@@ -8,37 +8,37 @@ resampled; the pooled row resamples each group on its own). ``--from-csv`` redoe
 from saved similarity columns (e.g. a VLM judge's), without any model. Formats and decisions: ``docs/protocol.md``,
 section "Running the benchmark".
 
-A similarity table is a dict of equally long columns: ``id, group, model, signature`` (object
+A similarity table is a dict of equally long columns: ``id, group, model, signature, mask`` (object
 arrays of str) and float64 similarity columns (NaN = a missing or unreadable image), one row per
 model x sample, model after model, samples in reading order.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import os
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from nearid_metric import data
 from nearid_metric.data import MTGSample, NearIDSample
-from nearid_metric.outputs import write_csv, write_json
+from nearid_metric.folders import read_nearid_folder
 from nearid_metric.protocol import (
     MTG_ALIGNMENT,
     MTG_COLUMNS,
     NEARID_TERMS,
     pool_groups,
+    pool_results,
     score_mtg_samples,
     score_nearid_groups,
     score_nearid_samples,
 )
 from nearid_metric.scorer import Scorer, embed_images
+from nearid_metric.selection import SampleSelection
 from nearid_metric.similarity import (
     mtg_oracles,
     mtg_similarities,
@@ -54,7 +54,17 @@ Table = dict[str, np.ndarray]
 ALL = "all"
 """Group name of the row pooled over a model's groups (reserved: no data group may use it)."""
 
-LABELS = ("id", "group", "model", "signature")
+PAPER = "paper"
+"""Group name of the paper's headline pool (``pool="paper"``): every group except :data:`PAPER_EXCLUDED`."""
+
+PAPER_EXCLUDED = ("fluxc", "fluxc_1024")
+"""Distractor sources the paper computes but leaves out of its headline average (FluxC, FluxC_1024), matched by
+group name, case-insensitive, with an optional ``NearID-`` prefix (the Hub repos' names)."""
+
+FULL, FOREGROUND = "full", "fg"
+"""The ``mask`` label of a row: whole images, or foreground-only (``--masks``)."""
+
+LABELS = ("id", "group", "model", "signature", "mask")
 """Label columns of a similarity table, before the similarity columns."""
 
 ORACLE_COLUMNS = ("oracle_1", "oracle_2")
@@ -69,7 +79,7 @@ CI_RATES = ("SSR", "PA")
 RATES = ("SSR", "SSR_ci_low", "SSR_ci_high", "PA", "PA_ci_low", "PA_ci_high", "H", "SSR_mean", "PA_terms", "H_mean")
 COUNTS = ("n_samples", "n_terms", "n_trials", "n_excluded")
 CORRELATIONS = ("MO", "MO_strict", "MO_nan", "MO_strict_nan", *(key for key, _, _ in MTG_ALIGNMENT))
-NEARID_TABLE = ("model", "group", "signature", *RATES, *COUNTS)
+NEARID_TABLE = ("model", "group", "mask", "signature", *RATES, *COUNTS)
 MTG_TABLE = (*NEARID_TABLE, *CORRELATIONS, *(f"n_{key}" for key, _, _ in MTG_ALIGNMENT))
 """Columns of ``table.csv`` per benchmark (``table.json`` rows have the same keys, MTG adds ``undefined_r``)."""
 
@@ -81,29 +91,32 @@ _SHOWN = 5  # examples named in an error message
 
 def nearid_similarity_table(samples: Sequence[NearIDSample], scorers: Mapping[str, Scorer], *,
                             batch_size: int | None = None, num_workers: int = 0, progress: bool | None = None,
-                            cache_dir: str | os.PathLike | None = None) -> tuple[Table, dict[str, str]]:
+                            cache_dir: str | os.PathLike | None = None, mask: str = FULL
+                            ) -> tuple[Table, dict[str, str]]:
     """NearID similarity columns of every sample for every scorer, each image embedded once.
 
     ``scorers``: model name (the ``model`` column) -> scorer. Returns the table (``id, group,
-    model, signature``, then ``sim_01 .. sim_12``, ``cross_00 .. cross_22``, ``neg_sim_01 ..
+    model, signature, mask``, then ``sim_01 .. sim_12``, ``cross_00 .. cross_22``, ``neg_sim_01 ..
     neg_sim_12``, float64 cosines, NaN where an image is missing or unreadable; rows model after
-    model) and ``{image name: reason}`` for the images that could not be read. The keyword
-    arguments go to :func:`nearid_metric.scorer.embed_images`.
+    model) and ``{image name: reason}`` for the images that could not be read. ``mask`` labels
+    the rows (:data:`FOREGROUND` for :func:`~nearid_metric.masking.foreground_samples`). The
+    other keyword arguments go to :func:`nearid_metric.scorer.embed_images`.
     """
-    return _similarity_table(samples, scorers, nearid_similarities, batch_size=batch_size, num_workers=num_workers,
-                             progress=progress, cache_dir=cache_dir)
+    return _similarity_table(samples, scorers, nearid_similarities, mask, batch_size=batch_size,
+                             num_workers=num_workers, progress=progress, cache_dir=cache_dir)
 
 
 def mtg_similarity_table(samples: Sequence[MTGSample], scorers: Mapping[str, Scorer], *,
                          batch_size: int | None = None, num_workers: int = 0, progress: bool | None = None,
-                         cache_dir: str | os.PathLike | None = None) -> tuple[Table, dict[str, str]]:
+                         cache_dir: str | os.PathLike | None = None, mask: str = FULL
+                         ) -> tuple[Table, dict[str, str]]:
     """MTG similarity columns (``sim_1_2, sim_1_1p, sim_1_2p, sim_2_2p, sim_2_1p``) plus ``oracle_1, oracle_2``.
 
     As :func:`nearid_similarity_table`; the oracles come from the masks (the same for every
     model), NaN where a mask is missing or unreadable (an unreadable mask is listed in the
     failures, like an unreadable image).
     """
-    table, failures = _similarity_table(samples, scorers, mtg_similarities, batch_size=batch_size,
+    table, failures = _similarity_table(samples, scorers, mtg_similarities, mask, batch_size=batch_size,
                                         num_workers=num_workers, progress=progress, cache_dir=cache_dir)
     for name, oracle in zip(ORACLE_COLUMNS, mtg_oracles(samples, failures=failures)):
         table[name] = np.tile(oracle, len(scorers))
@@ -111,7 +124,7 @@ def mtg_similarity_table(samples: Sequence[MTGSample], scorers: Mapping[str, Sco
 
 
 def _similarity_table(samples: Sequence[NearIDSample | MTGSample], scorers: Mapping[str, Scorer],
-                      similarities: Callable[..., dict[str, np.ndarray]],
+                      similarities: Callable[..., dict[str, np.ndarray]], mask: str,
                       **embed_kwargs: Any) -> tuple[Table, dict[str, str]]:
     if not scorers:
         raise ValueError("no scorers given")
@@ -122,7 +135,7 @@ def _similarity_table(samples: Sequence[NearIDSample | MTGSample], scorers: Mapp
     labels = {"id": [s.id for s in samples], "group": [s.group for s in samples]}
     parts = []
     for (model, scorer), matrix in zip(scorers.items(), embeddings):
-        parts.append({**labels, "model": [model] * n, "signature": [scorer.signature] * n,
+        parts.append({**labels, "model": [model] * n, "signature": [scorer.signature] * n, "mask": [mask] * n,
                       **similarities(samples, matrix, index)})
     table = {name: np.concatenate([np.asarray(part[name], dtype=object if name in LABELS else np.float64)
                                    for part in parts]) for name in parts[0]}
@@ -133,10 +146,12 @@ def _similarity_table(samples: Sequence[NearIDSample | MTGSample], scorers: Mapp
 
 
 def nearid_results(table: Mapping[str, Any], *, ci_resamples: int | None = BOOTSTRAP_RESAMPLES,
-                   ci_seed: int = 0) -> list[dict[str, Any]]:
+                   ci_seed: int = 0, pool: str = ALL) -> list[dict[str, Any]]:
     """SSR / PA / H rows per model x group, then a pooled row (group ``"all"``) per model.
 
-    ``table``: ``model``, ``group``, optionally ``signature`` (one per model), and NearID
+    ``pool="paper"``: also the paper's headline pool per model (group ``"paper"``, after
+    ``"all"``): every group except FluxC and FluxC_1024 (:data:`PAPER_EXCLUDED`).
+    ``table``: ``model``, ``group``, optionally ``signature`` and ``mask`` (one each per model), and NearID
     similarity columns (see :func:`nearid_metric.protocol.score_nearid_samples`). Group rows come
     from :func:`~nearid_metric.protocol.score_nearid_groups`, the pooled rows from
     :func:`~nearid_metric.protocol.pool_groups` (weighted by the counts, the same as scoring the
@@ -144,7 +159,8 @@ def nearid_results(table: Mapping[str, Any], *, ci_resamples: int | None = BOOTS
     ``SSR_ci_low`` ... ``PA_ci_high``: 95% percentile bootstrap intervals (:func:`rate_cis`,
     ``ci_resamples`` resamples, seed ``ci_seed``; ``ci_resamples=None``: NaN).
     """
-    signatures = model_signatures(table)
+    check_pool(pool)
+    signatures, masks = model_signatures(table), model_labels(table, "mask", FULL)
     groups = score_nearid_groups(table, by=("model", "group"))
     pooled = {row["model"]: row for row in pool_groups(groups, by="model")}
     models, labels = (np.asarray(table[name], dtype=object) for name in ("model", "group"))
@@ -164,10 +180,27 @@ def nearid_results(table: Mapping[str, Any], *, ci_resamples: int | None = BOOTS
         for row in groups:
             if row["model"] == model:
                 cis = rate_cis({row["group"]: mine[row["group"]]}, ci_resamples, ci_seed)
-                rows.append(_result_row(model, row["group"], signature, row | cis, NEARID_TABLE))
+                rows.append(_result_row(model, row["group"], masks[model], signature, row | cis, NEARID_TABLE))
         cis = rate_cis(mine, ci_resamples, ci_seed)
-        rows.append(_result_row(model, ALL, signature, pooled[model] | cis, NEARID_TABLE))
+        rows.append(_result_row(model, ALL, masks[model], signature, pooled[model] | cis, NEARID_TABLE))
+        if pool == PAPER:
+            headline = {g: units for g, units in mine.items() if in_paper_pool(g)}
+            result = pool_results([row for row in groups if row["model"] == model and in_paper_pool(row["group"])])
+            rows.append(_result_row(model, PAPER, masks[model], signature,
+                                    result | rate_cis(headline, ci_resamples, ci_seed), NEARID_TABLE))
     return rows
+
+
+def check_pool(pool: str) -> None:
+    """``ValueError`` unless ``pool`` is ``"all"`` (pooled over every group) or ``"paper"`` (also the paper's pool)."""
+    if pool not in (ALL, PAPER):
+        raise ValueError(f"pool must be {ALL!r} or {PAPER!r}, got {pool!r}")
+
+
+def in_paper_pool(group: str) -> bool:
+    """Whether a group counts towards the paper's headline pool (it is not FluxC or FluxC_1024)."""
+    name = group.lower()
+    return name.removeprefix("nearid-") not in PAPER_EXCLUDED
 
 
 def rate_units(scored: Mapping[str, Any], rows: np.ndarray | None = None, *,
@@ -212,7 +245,7 @@ def rate_cis(units: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]], r
 
 
 def mtg_results(table: Mapping[str, Any], *, ci_resamples: int | None = BOOTSTRAP_RESAMPLES,
-                ci_seed: int = 0) -> list[dict[str, Any]]:
+                ci_seed: int = 0, pool: str = ALL) -> list[dict[str, Any]]:
     """MTG rows per model x group, then one row over all the model's samples (group ``"all"``).
 
     ``table``: ``model``, ``group``, optionally ``signature``, the five MTG similarity columns and
@@ -222,7 +255,8 @@ def mtg_results(table: Mapping[str, Any], *, ci_resamples: int | None = BOOTSTRA
     rates equal the pooled ones). Keys: :data:`MTG_TABLE` plus ``undefined_r``. SSR and PA
     intervals as in :func:`nearid_results` (the ``"all"`` row resamples each group on its own).
     """
-    signatures = model_signatures(table)
+    check_pool(pool)  # MTG has no distractor sources: "paper" adds no row
+    signatures, masks = model_signatures(table), model_labels(table, "mask", FULL)
     models, groups = (np.asarray(table[name], dtype=object) for name in ("model", "group"))
     if any(name not in table for name in ORACLE_COLUMNS):
         logger.warning("no oracle_1/oracle_2 columns: MTG correlations and MO are not computed")
@@ -241,36 +275,43 @@ def mtg_results(table: Mapping[str, Any], *, ci_resamples: int | None = BOOTSTRA
             result = score(mine & (groups == group))
             units[group] = rate_units(result, mean_trial=False)
             cis = rate_cis({group: units[group]}, ci_resamples, ci_seed)
-            out.append(_result_row(model, group, signature, result | cis, MTG_TABLE))
-        out.append(_result_row(model, ALL, signature, score(mine) | rate_cis(units, ci_resamples, ci_seed), MTG_TABLE))
+            out.append(_result_row(model, group, masks[model], signature, result | cis, MTG_TABLE))
+        out.append(_result_row(model, ALL, masks[model], signature,
+                               score(mine) | rate_cis(units, ci_resamples, ci_seed), MTG_TABLE))
     return out
 
 
 def benchmark_results(benchmark: str, table: Mapping[str, Any], *, ci_resamples: int | None = BOOTSTRAP_RESAMPLES,
-                      ci_seed: int = 0) -> list[dict[str, Any]]:
+                      ci_seed: int = 0, pool: str = ALL) -> list[dict[str, Any]]:
     """:func:`mtg_results` for ``benchmark == "mtg"``, else :func:`nearid_results`."""
     results = mtg_results if benchmark == "mtg" else nearid_results
-    return results(table, ci_resamples=ci_resamples, ci_seed=ci_seed)
+    return results(table, ci_resamples=ci_resamples, ci_seed=ci_seed, pool=pool)
 
 
 def model_signatures(table: Mapping[str, Any]) -> dict[str, str]:
     """Model -> its signature ("" without a signature column), models in order of first appearance."""
+    return model_labels(table, "signature", "")
+
+
+def model_labels(table: Mapping[str, Any], column: str, default: str) -> dict[str, str]:
+    """Model -> its one value of the label ``column`` (``default`` without that column), models in order of first
+    appearance; ``ValueError`` for a model whose rows disagree (e.g. two signatures under one model name)."""
     models = [str(m) for m in np.asarray(table["model"], dtype=object).tolist()]
-    signatures = ([str(s) for s in np.asarray(table["signature"], dtype=object).tolist()] if "signature" in table
-                  else [""] * len(models))
+    values = ([str(s) for s in np.asarray(table[column], dtype=object).tolist()] if column in table
+              else [default] * len(models))
     seen: dict[str, set[str]] = {}
-    for model, signature in zip(models, signatures):
-        seen.setdefault(model, set()).add(signature)
+    for model, value in zip(models, values):
+        seen.setdefault(model, set()).add(value)
     mixed = [f"{model!r} ({', '.join(sorted(s))})" for model, s in seen.items() if len(s) > 1]
     if mixed:
-        raise ValueError(f"a model has rows with different signatures: {'; '.join(mixed[:_SHOWN])}; "
-                         "give each set of weights its own model name")
+        raise ValueError(f"a model has rows with different {column}s: {'; '.join(mixed[:_SHOWN])}; "
+                         f"give each {column} its own model name")
     return {model: s.pop() for model, s in seen.items()}
 
 
-def _result_row(model: str, group: str, signature: str, result: Mapping[str, Any],
+def _result_row(model: str, group: str, mask: str, signature: str, result: Mapping[str, Any],
                 keys: Sequence[str]) -> dict[str, Any]:
-    row = {"model": model, "group": group, "signature": signature} | {k: result[k] for k in keys[3:]}
+    row = {"model": model, "group": group, "mask": mask, "signature": signature} | {k: result[k] for k in keys[4:]}
     if "undefined_r" in result:
         row["undefined_r"] = list(result["undefined_r"])
     return row
@@ -291,7 +332,8 @@ def format_table(rows: Sequence[Mapping[str, Any]], benchmark: str, *, ci: bool 
     table splits on whitespace).
     """
     rates = ["SSR", "SSR_CI95", "PA", "PA_CI95"] if ci else ["SSR", "PA"]
-    columns = ["model", "group", *rates, "H", *(["MO", "MO_strict"] if benchmark == "mtg" else []),
+    masked = ["mask"] if any(row.get("mask", FULL) != FULL for row in rows) else []
+    columns = ["model", "group", *masked, *rates, "H", *(["MO", "MO_strict"] if benchmark == "mtg" else []),
                "n_samples", "n_excluded"]
 
     def text(key: str, value: Any) -> str:
@@ -304,112 +346,8 @@ def format_table(rows: Sequence[Mapping[str, Any]], benchmark: str, *, ci: bool 
 
     cells = [columns] + [[text(key, row if key.endswith("_CI95") else row[key]) for key in columns] for row in rows]
     widths = [max(len(line[k]) for line in cells) for k in range(len(columns))]
-    return "\n".join("  ".join(cell.ljust(w) if k < 2 else cell.rjust(w) for k, (cell, w) in
+    return "\n".join("  ".join(cell.ljust(w) if k < 2 + len(masked) else cell.rjust(w) for k, (cell, w) in
                                enumerate(zip(line, widths))).rstrip() for line in cells)
-
-
-# --- files ---------------------------------------------------------------------------------------
-
-
-def write_similarities(path: str | Path, table: Mapping[str, Any]) -> None:
-    """Write a similarity table as CSV: a header, one row per model x sample, NaN as an empty cell."""
-    names = list(table)
-    write_csv(path, names, zip(*(np.asarray(table[name]).tolist() for name in names)))
-
-
-def write_results(out: Path, rows: Sequence[Mapping[str, Any]], benchmark: str) -> None:
-    """``table.csv`` (floats exact, NaN empty, no ``undefined_r``) and ``table.json`` (NaN as null)."""
-    keys = MTG_TABLE if benchmark == "mtg" else NEARID_TABLE
-    write_csv(out / "table.csv", keys, ([row[key] for key in keys] for row in rows))
-    write_json(out / "table.json", {"benchmark": benchmark, "rows": list(rows)})
-
-
-def read_similarities(paths: Sequence[str | Path]) -> tuple[str, Table]:
-    """``(benchmark, table)`` from similarity CSV files (ours, or any with the needed columns).
-
-    The benchmark is ``"mtg"`` when a file has all of ``sim_1_2, sim_1_1p, sim_1_2p, sim_2_2p,
-    sim_2_1p``, else ``"nearid"`` when it has a ``sim_ij`` column with ``cross_ii`` or
-    ``cross_jj``; every file must be of the same one. Read: those columns (absent NearID ones
-    are NaN), ``oracle_1, oracle_2`` (MTG, optional), and the labels ``model`` (default: the
-    file's name without extension), ``group`` (default ``"default"``), ``signature`` (default
-    ""), ``id`` (default: the row number). Other columns are ignored. An empty cell, ``nan`` or
-    ``NaN`` is a missing value. Raises ``ValueError`` naming file and line for unreadable
-    numbers, empty labels, the group ``"all"``, mixed benchmarks or a ``(model, group, id)``
-    given twice.
-    """
-    benchmark, parts = None, []
-    seen: set[tuple[str, str, str]] = set()
-    for path in map(Path, paths):
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            header = [name.strip() for name in reader.fieldnames or []]
-            reader.fieldnames = header
-            records = list(reader)
-        kind = _benchmark_of(header, path)
-        if benchmark not in (None, kind):
-            raise ValueError(f"{path}: {kind} similarities, but earlier files hold {benchmark} ones; "
-                             "score one benchmark at a time")
-        benchmark = kind
-        if not records:
-            raise ValueError(f"{path}: no rows under the header")
-        numbers = MTG_COLUMNS + ORACLE_COLUMNS if kind == "mtg" else NEARID_REQUIRED
-        part: dict[str, list] = {name: [] for name in (*LABELS, *numbers) if name in header}
-        for line, record in enumerate(records, start=2):
-            for name in part:
-                cell = (record.get(name) or "").strip()
-                if name not in LABELS:
-                    part[name].append(_number(cell, path, line, name))
-                elif name == "group" and cell == ALL:
-                    raise ValueError(f"{path}, line {line}: group {ALL!r} is the name of the pooled row; rename it")
-                elif cell or name == "signature":
-                    part[name].append(cell)
-                else:
-                    raise ValueError(f"{path}, line {line}: empty {name!r}")
-        has_id = "id" in part
-        defaults = {"id": [str(k) for k in range(len(records))], "group": ["default"] * len(records),
-                    "model": [path.stem] * len(records), "signature": [""] * len(records)}
-        part = {name: part.get(name, defaults[name]) for name in LABELS} | part
-        if has_id:  # without ids, a sample given twice cannot be recognised
-            keys = list(zip(part["model"], part["group"], part["id"]))
-            twice = sorted({key for key in keys if key in seen} | {key for key, n in Counter(keys).items() if n > 1})
-            if twice:
-                raise ValueError(f"{path}: {len(twice)} (model, group, id) row(s) given twice (here or in an earlier "
-                                 f"file), e.g. {', '.join(map(str, twice[:_SHOWN]))}; score each sample once per "
-                                 "model")
-            seen.update(keys)
-        parts.append(part)
-    names = dict.fromkeys(name for part in parts for name in part)
-    table = {name: np.concatenate([np.asarray(part[name], dtype=object) if name in LABELS
-                                   else np.asarray(part.get(name, [math.nan] * len(part["model"])), dtype=np.float64)
-                                   for part in parts]) for name in names}
-    try:
-        model_signatures(table)
-    except ValueError as e:
-        raise ValueError(f"{', '.join(map(str, paths))}: {e}") from None
-    return benchmark, table
-
-
-def _benchmark_of(header: Sequence[str], path: Path) -> str:
-    mtg = all(name in header for name in MTG_COLUMNS)
-    nearid = any(sim in header and cross in header for _, sim, cross in NEARID_TERMS)
-    if mtg and nearid:
-        raise ValueError(f"{path}: has both NearID and MTG similarity columns; keep one benchmark per file")
-    if not (mtg or nearid):
-        raise ValueError(f"{path}: no similarity columns to score: NearID needs a sim_ij column with cross_ii "
-                         f"or cross_jj (e.g. sim_01, cross_00), MTG needs {', '.join(MTG_COLUMNS)}; "
-                         f"the header is {', '.join(header) or 'empty'}")
-    return "mtg" if mtg else "nearid"
-
-
-def _number(cell: str, path: Path, line: int, name: str) -> float:
-    try:
-        value = float(cell) if cell else math.nan
-    except ValueError:
-        value = math.inf
-    if math.isinf(value):
-        raise ValueError(f"{path}, line {line}: {name} = {cell!r} is not a finite number "
-                         "(leave the cell empty for a missing image)")
-    return value
 
 
 # --- samples -------------------------------------------------------------------------------------
@@ -418,23 +356,27 @@ def _number(cell: str, path: Path, line: int, name: str) -> float:
 def load_samples(*, nearid_folder: Sequence[str | os.PathLike] = (), positives: Sequence[str] = (),
                  distractors: Sequence[str] = (), mtg: Sequence[str] = (), group: Sequence[str] | None = None,
                  distractor_prefix: str | None = None, hf: bool = False, split: str | None = None,
-                 data_revision: str | None = None) -> tuple[list[NearIDSample] | list[MTGSample], list[dict[str, Any]]]:
+                 data_revision: str | None = None, select: SampleSelection | None = None
+                 ) -> tuple[list[NearIDSample] | list[MTGSample], list[dict[str, Any]]]:
     """The samples of one data source and a description of each of its parts (for ``summary.json``).
 
     The arguments are those of ``nearid-bench``'s data flags: NearID image folders
     (``nearid_folder``), NearID tables (``positives`` + ``distractors``, one group per
     distractor source) or MTG tables (``mtg``), as files or, with ``hf``, Hugging Face datasets
-    (``split``, default ``train``; ``data_revision``). ``group``: one name per source (default:
-    the file or folder name). Raises ``ValueError``, ``OSError`` or ``ImportError`` naming the
+    (``split``, default ``train`` for NearID and ``test`` for MTG, the splits the reference
+    evaluates; ``data_revision``). ``group``: one name per source (default: the file or folder
+    name). ``select``: only the samples it names (``--ids``; rows of the positives / MTG table,
+    or of each folder group). Raises ``ValueError``, ``OSError`` or ``ImportError`` naming the
     file for unreadable data, and ``ValueError`` for two samples of one group with one id.
     """
     samples: list = []
     sources: list[dict[str, Any]] = []
-    hf_args = {"split": split or "train", "revision": data_revision} if hf else None
+    default_split = "test" if mtg and not (nearid_folder or positives) else "train"
+    hf_args = {"split": split or default_split, "revision": data_revision} if hf else None
     groups = group or [None] * len(distractors or nearid_folder or mtg)
     if nearid_folder:
         for root, group in zip(nearid_folder, groups):
-            found = data.read_nearid_folder(root, group=group)
+            found = read_nearid_folder(root, group=group, select=select)
             sources.append({"type": "nearid-folder", "path": str(root), "groups": sample_groups(found)})
             samples += found
     elif positives:
@@ -442,16 +384,17 @@ def load_samples(*, nearid_folder: Sequence[str | os.PathLike] = (), positives: 
         prefix = distractor_prefix or "auto"
         for source, group in zip(distractors, groups):
             if hf_args:
-                found = data.read_nearid_hf(table, source, distractor_prefix=prefix, group=group, **hf_args)
+                found = data.read_nearid_hf(table, source, distractor_prefix=prefix, group=group, select=select,
+                                            **hf_args)
             else:
-                found = data.read_nearid_parquet(table, source, distractor_prefix=prefix, group=group)
+                found = data.read_nearid_parquet(table, source, distractor_prefix=prefix, group=group, select=select)
             sources.append({"type": "nearid-hf" if hf_args else "nearid-tables", "positives": list(positives),
                             "distractors": source, "groups": sample_groups(found), **(hf_args or {})})
             samples += found
     else:
         for path, group in zip(mtg, groups):
-            found = (data.read_mtg_hf(path, group=group, **hf_args) if hf_args
-                     else data.read_mtg_parquet(path, group=group))
+            found = (data.read_mtg_hf(path, group=group, select=select, **hf_args) if hf_args
+                     else data.read_mtg_parquet(path, group=group, select=select))
             sources.append({"type": "mtg-hf" if hf_args else "mtg-tables", "path": path, "groups": sample_groups(found),
                             **(hf_args or {})})
             samples += found

@@ -46,6 +46,7 @@ from safetensors.numpy import save_file
 
 from nearid_metric.hub import file_sha256
 from nearid_metric.images import EncodedImage, ImageLoadError, ImageSource
+from nearid_metric.masking import MaskedImage
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +62,15 @@ _SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "in
 
 
 def content_key(image: ImageSource) -> str:
-    """sha256 hex of an image file's bytes (or of :attr:`EncodedImage.data`); :class:`ImageLoadError` if unreadable."""
+    """sha256 hex of an image file's bytes (or of :attr:`EncodedImage.data`); :class:`ImageLoadError` if unreadable.
+
+    A :class:`~nearid_metric.masking.MaskedImage` is keyed by its image's and its mask's keys and its settings.
+    """
     if isinstance(image, EncodedImage):
         return hashlib.sha256(image.data).hexdigest()
+    if isinstance(image, MaskedImage):
+        parts = f"masked|clean={image.clean}|fill={image.fill}|{content_key(image.image)}|{content_key(image.mask)}"
+        return hashlib.sha256(parts.encode()).hexdigest()
     try:
         return file_sha256(image)
     except FileNotFoundError:

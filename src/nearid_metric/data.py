@@ -7,7 +7,8 @@ embeddings into the per-sample similarity columns the protocol scores.
 Layouts
 -------
 NearID tables (:func:`read_nearid_parquet`, :func:`read_nearid_hf`):
-  positives ``id, img1, img2, img3`` (view k-1 is ``imgk``); distractors, one table per
+  positives ``id, img1, img2, img3`` (view k-1 is ``imgk``; the reference readers' ``images1..3``
+  are read too) and optional foreground masks ``masks1..masks3``; distractors, one table per
   inpainting generator/setting, ``id`` and ``img1..img3`` or ``nimg1..nimg3`` (distractor j is
   inpainted into the background of view j), joined on ``id``. A positive without distractors
   is kept with missing distractors, distractors without positives are dropped; both are
@@ -20,16 +21,7 @@ MTG tables (:func:`read_mtg_parquet`, :func:`read_mtg_hf`):
   bytes uses its path, relative to the table's folder) or raw bytes; a null cell is a missing
   image. A table path is a ``.parquet`` file, an Arrow stream file (``.arrow``, what
   ``datasets``' ``save_to_disk`` writes), a folder of those (not recursive), or a list of them.
-NearID image folders (:func:`read_nearid_folder`), for your own benchmarks::
-
-      root/<sample>/view_0.png  view_1.jpg  view_2.png  distractor_0.png ...  (one group)
-      root/<group>/<sample>/view_0.png ...                                 (several groups)
-
-  Slot files are ``view_{0,1,2}`` and ``distractor_{0,1,2}`` with any extension of
-  ``IMAGE_EXTENSIONS`` (case-insensitive); a missing file is a missing image. The layout is
-  detected: ``root``'s sub-folders are samples if they hold slot files, groups if their own
-  sub-folders do; a mix is an error. Two files for one slot are an error; other files and
-  folders with no slot file are logged and skipped. Sample ids are folder names.
+NearID image folders for your own benchmarks: :mod:`nearid_metric.folders`.
 
 The group names the inpainting generator/setting; by default it is the distractor table's
 file or folder name (the common folder of a list of files), the Hub repo's name, or the
@@ -40,17 +32,13 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from nearid_metric.images import (
-    IMAGE_EXTENSIONS,
-    EncodedImage,
-    ImageSource,
-)
+from nearid_metric.images import EncodedImage, ImageSource
+from nearid_metric.selection import SampleSelection
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +58,7 @@ _MTG_COLUMNS = {  # MTGSample field -> table column
     "part_mask_1": "image_1_part_mask",
     "part_mask_2": "image_2_part_mask",
 }
-_SLOT = re.compile(r"(view|distractor)_([012])")
+_MASK_COLUMNS = ("masks1", "masks2", "masks3")  # foreground masks of the positive views, when a table has them
 
 
 @dataclass(frozen=True)
@@ -78,15 +66,18 @@ class NearIDSample:
     """One identity: up to 3 positive views and 3 matched-context distractors (None = missing).
 
     Distractor j is a similar but different object inpainted into the background of view j.
+    ``masks``: the foreground masks of the views (None = none); distractor j sits where view j's
+    object was, so foreground-only scoring masks it with mask j too, as the reference does.
     """
 
     id: str
     group: str
     views: Views
     distractors: Views
+    masks: Views = (None, None, None)
 
     def __post_init__(self) -> None:
-        for name in ("views", "distractors"):
+        for name in ("views", "distractors", "masks"):
             value = tuple(getattr(self, name))
             if len(value) != 3:
                 raise ValueError(f"sample {self.id!r}: {name} needs 3 entries (None for missing), got {len(value)}")
@@ -221,32 +212,49 @@ def _image_cell(cell: Any, name: str, base: Path | None) -> ImageSource | None:
 
 
 def _read_rows(tables: Sequence[_Table], image_columns: Sequence[str], id_column: str | None,
-               role: str) -> dict[str, tuple[ImageSource | None, ...]]:
+               role: str, select: SampleSelection | None = None,
+               optional: Sequence[str] = ()) -> dict[str, tuple[ImageSource | None, ...]]:
     """id -> image sources (in ``image_columns`` order), in table order; duplicate ids are an error.
 
-    Without ``id_column`` the id is the row number counted over all ``tables``.
+    Without ``id_column`` the id is the row number counted over all ``tables``. ``select``: keep
+    only the rows it names (by position over all ``tables`` or by id; a listed row or id that is
+    not there is an error). ``optional``: more image columns, read where a table has them (None
+    elsewhere), after ``image_columns``.
     """
     for table in tables:
         _check_columns(table, image_columns, id_column)
     rows: dict[str, tuple[ImageSource | None, ...]] = {}
     where: dict[str, str] = {}
     duplicates = []
+    position = -1
+    seen: list[str] = []
     for table in tables:
-        columns = [*([id_column] if id_column else []), *image_columns]
+        present = [c for c in optional if c in table.schema.names]
+        _check_columns(table, present, None)
+        columns = [*([id_column] if id_column else []), *image_columns, *present]
         for batch in table.batches(columns):
             for row in batch.to_pylist():
+                position += 1
                 if id_column is None:
-                    key = str(len(rows))
+                    key = str(position)
                 elif row[id_column] is None:
                     raise ValueError(f"{table.label}: a row has a null {id_column!r}")
                 else:
                     key = str(row[id_column])
+                if select is not None:
+                    seen.append(key)
+                    if not select.keeps(position, key):
+                        continue
                 if key in rows:
                     also = "" if where[key] == table.label else f" and {table.label}"
                     duplicates.append(f"{key!r} in {where[key]}{also}")
                     continue
                 where[key] = table.label
-                rows[key] = tuple(_image_cell(row[c], f"{table.label}#id={key}/{c}", table.base) for c in image_columns)
+                rows[key] = tuple(None if c not in row else _image_cell(row[c], f"{table.label}#id={key}/{c}",
+                                                                           table.base)
+                                  for c in (*image_columns, *optional))
+    if select is not None:
+        select.check_found(position + 1, seen, ", ".join(t.label for t in tables))
     if duplicates:
         raise ValueError(f"{role}: {len(duplicates)} duplicate id(s), each id must name one sample: "
                          + _examples(duplicates))
@@ -272,12 +280,25 @@ def _distractor_columns(table: _Table, prefix: str) -> list[str]:
     return [f"{prefix}{k}" for k in (1, 2, 3)]
 
 
+def _positive_columns(tables: Sequence[_Table]) -> list[str]:
+    """``img1..img3`` (the dataset card) or ``images1..images3`` (the reference readers), whichever all tables have."""
+    for prefix in ("img", "images"):
+        columns = [f"{prefix}{k}" for k in (1, 2, 3)]
+        if all(set(columns) <= set(t.schema.names) for t in tables):
+            return columns
+    names = ", ".join(tables[0].schema.names) if tables else "none"
+    raise ValueError(f"{', '.join(t.label for t in tables)}: positives need id and img1..img3 or images1..images3 "
+                     f"columns (the first has {names})")
+
+
 def _join_nearid(positives: Sequence[_Table], distractors: Sequence[_Table], prefix: str,
-                 group: str) -> list[NearIDSample]:
-    views = _read_rows(positives, ["img1", "img2", "img3"], "id", "positives")
+                 group: str, select: SampleSelection | None = None) -> list[NearIDSample]:
+    views = _read_rows(positives, _positive_columns(positives), "id", "positives", select, optional=_MASK_COLUMNS)
+    # only the distractor rows of the selected samples; one without distractors is reported below
+    kept = None if select is None else SampleSelection(ids=frozenset(views), source="positives", required=False)
     negatives: dict[str, tuple[ImageSource | None, ...]] = {}
     for table in distractors:
-        rows = _read_rows([table], _distractor_columns(table, prefix), "id", "distractors")
+        rows = _read_rows([table], _distractor_columns(table, prefix), "id", "distractors", kept)
         again = sorted(rows.keys() & negatives.keys())
         if again:
             raise ValueError(f"distractors: {len(again)} id(s) of {table.label} already in an earlier "
@@ -296,42 +317,46 @@ def _join_nearid(positives: Sequence[_Table], distractors: Sequence[_Table], pre
     if orphans:
         logger.warning("group %s: %d distractor row(s) have no positives in %s and are dropped: %s",
                        group, len(orphans), positive_labels, _examples(orphans))
-    return [NearIDSample(key, group, images, negatives.get(key, (None, None, None)))
+    return [NearIDSample(key, group, images[:3], negatives.get(key, (None, None, None)), images[3:])
             for key, images in views.items()]
 
 
 def read_nearid_parquet(positives: TablePaths, distractors: TablePaths, *,
                         distractor_prefix: Literal["auto", "img", "nimg"] = "auto",
-                        group: str | None = None) -> list[NearIDSample]:
+                        group: str | None = None, select: SampleSelection | None = None) -> list[NearIDSample]:
     """NearID samples from a positives table and a distractor table, joined on ``id``.
 
     ``positives``/``distractors``: a ``.parquet`` or ``.arrow`` file, a folder of them, or a
     list. ``distractor_prefix``: which distractor columns hold the images (``img1..3`` or
     ``nimg1..3``; "auto" picks the one present). ``group`` defaults to the distractor file's or
-    folder's name. Samples come in positives order; only the needed columns are read, but all
-    image bytes are kept in memory. Raises ``ValueError`` naming the file for missing columns,
-    duplicate ids, or no common ids.
+    folder's name. ``select``: only the positives rows it names (positions over the positives
+    files, or ids) and their distractors. Samples come in positives order; only the needed
+    columns are read, and the image bytes of the samples read are kept in memory. Raises
+    ``ValueError`` naming the file for missing columns, duplicate ids, no common ids, or a
+    selected row or id that is not in the positives.
     """
     return _join_nearid([_open_file(f) for f in _table_files(positives, "positives")],
                         [_open_file(f) for f in _table_files(distractors, "distractors")],
-                        distractor_prefix, group or _default_group(distractors))
+                        distractor_prefix, group or _default_group(distractors), select)
 
 
-def read_mtg_parquet(path: TablePaths, *, group: str | None = None) -> list[MTGSample]:
+def read_mtg_parquet(path: TablePaths, *, group: str | None = None,
+                     select: SampleSelection | None = None) -> list[MTGSample]:
     """MTG samples from a table (``.parquet``/``.arrow`` file, folder or list); see the module docstring.
 
-    ``group`` defaults to the file's or folder's name. Raises ``ValueError`` naming the file
-    for missing columns or duplicate ids.
+    ``group`` defaults to the file's or folder's name; ``select``: only the rows it names (row
+    positions over the files, or ids). Raises ``ValueError`` naming the file for missing columns,
+    duplicate ids, or a selected row or id that is not there.
     """
-    return _mtg_samples([_open_file(f) for f in _table_files(path, "MTG")], group or _default_group(path))
+    return _mtg_samples([_open_file(f) for f in _table_files(path, "MTG")], group or _default_group(path), select)
 
 
-def _mtg_samples(tables: Sequence[_Table], group: str) -> list[MTGSample]:
+def _mtg_samples(tables: Sequence[_Table], group: str, select: SampleSelection | None = None) -> list[MTGSample]:
     without_id = [t.label for t in tables if "id" not in t.schema.names]
     if without_id and len(without_id) < len(tables):
         raise ValueError(f"MTG: some files have an 'id' column and some do not ({_examples(without_id)})")
     id_column = None if without_id else "id"
-    rows = _read_rows(tables, list(_MTG_COLUMNS.values()), id_column, "MTG")
+    rows = _read_rows(tables, list(_MTG_COLUMNS.values()), id_column, "MTG", select)
     if not rows:
         raise ValueError(f"no MTG rows in {', '.join(t.label for t in tables)}")
     return [MTGSample(key, group, **dict(zip(_MTG_COLUMNS, images, strict=True))) for key, images in rows.items()]
@@ -369,101 +394,22 @@ def _hf_group(source: Any) -> str:
 
 def read_nearid_hf(positives: Any, distractors: Any, *, split: str = "train", revision: str | None = None,
                    distractor_prefix: Literal["auto", "img", "nimg"] = "auto",
-                   group: str | None = None) -> list[NearIDSample]:
+                   group: str | None = None, select: SampleSelection | None = None) -> list[NearIDSample]:
     """NearID samples from Hugging Face datasets (needs ``pip install 'nearid-metric[hf]'``).
 
     ``positives``/``distractors``: a Hub repo id (or local dataset folder) loaded with
     ``datasets.load_dataset(..., split=split, revision=revision)``, or a loaded
-    ``datasets.Dataset``. Columns and joining as in :func:`read_nearid_parquet`; ``group``
-    defaults to the distractor repo's name (e.g. ``NearID-PowerPaint``).
+    ``datasets.Dataset``. Columns, joining and ``select`` as in :func:`read_nearid_parquet`;
+    ``group`` defaults to the distractor repo's name (e.g. ``NearID-PowerPaint``).
     """
     return _join_nearid([_hf_table(positives, split, revision)], [_hf_table(distractors, split, revision)],
-                        distractor_prefix, group or _hf_group(distractors))
+                        distractor_prefix, group or _hf_group(distractors), select)
 
 
-def read_mtg_hf(source: Any, *, split: str = "train", revision: str | None = None,
-                group: str | None = None) -> list[MTGSample]:
-    """MTG samples from a Hub repo id (or local dataset folder) or a loaded ``datasets.Dataset``."""
-    return _mtg_samples([_hf_table(source, split, revision)], group or _hf_group(source))
+def read_mtg_hf(source: Any, *, split: str = "test", revision: str | None = None,
+                group: str | None = None, select: SampleSelection | None = None) -> list[MTGSample]:
+    """MTG samples from a Hub repo id (or local dataset folder) or a loaded ``datasets.Dataset``.
 
-
-# --- image folders -----------------------------------------------------------------------------
-
-
-def _entries(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
-
-
-def _slot(path: Path) -> tuple[str, int] | None:
-    """``("view", k)`` or ``("distractor", k)`` for a slot image file, else None."""
-    match = _SLOT.fullmatch(path.stem.lower())
-    if match is None or path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
-        return None
-    return match[1], int(match[2])
-
-
-def _is_sample_folder(folder: Path) -> bool:
-    return folder.is_dir() and any(_slot(p) for p in _entries(folder))
-
-
-def _folder_sample(folder: Path, group: str, ignored: list[Path]) -> NearIDSample | None:
-    slots: dict[tuple[str, int], Path] = {}
-    for path in _entries(folder):
-        slot = _slot(path)
-        if slot is None:
-            ignored.append(path)
-        elif slot in slots:
-            raise ValueError(f"{folder}: two files for {slot[0]}_{slot[1]}: {slots[slot].name} and {path.name}; "
-                             "keep one")
-        else:
-            slots[slot] = path
-    if not slots:
-        return None
-    return NearIDSample(folder.name, group, tuple(slots.get(("view", k)) for k in range(3)),
-                        tuple(slots.get(("distractor", k)) for k in range(3)))
-
-
-def read_nearid_folder(root: str | os.PathLike, *, group: str | None = None) -> list[NearIDSample]:
-    """NearID samples from ``root/<sample>/`` or ``root/<group>/<sample>/`` image folders.
-
-    See the module docstring for the layout. ``group`` names the group of a one-level layout
-    (default: ``root``'s name); in a two-level layout the group folders name the groups and
-    ``group`` must be None. Samples are sorted by group folder, then sample folder.
-    Raises ``ValueError`` for two files in one slot, a mixed layout, or no sample at all.
+    ``split`` defaults to ``test``, the split the reference evaluates; ``select`` as in :func:`read_mtg_parquet`.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise NotADirectoryError(f"NearID folder not found or not a folder: {root}")
-    folders = [p for p in _entries(root) if p.is_dir()]
-    sample_folders = [p for p in folders if _is_sample_folder(p)]
-    group_folders = [p for p in folders if p not in sample_folders and any(map(_is_sample_folder, _entries(p)))]
-    if sample_folders and group_folders:
-        raise ValueError(f"{root}: mixes sample folders ({_examples([p.name for p in sample_folders])}) and "
-                         f"group folders ({_examples([p.name for p in group_folders])}); use either "
-                         "root/<sample>/view_0.png or root/<group>/<sample>/view_0.png")
-    if group_folders and group is not None:
-        raise ValueError(f"{root}: holds group folders ({_examples([p.name for p in group_folders])}), "
-                         "which name the groups; pass group=None")
-    layout = [(p.name, p) for p in group_folders] or [(group or root.resolve().name, root)]
-    ignored = [p for p in _entries(root) if not p.is_dir()] if group_folders else []
-    empty = [p for p in folders if p not in group_folders] if group_folders else []
-    samples = []
-    for name, folder in layout:
-        for path in _entries(folder):
-            if not path.is_dir():
-                ignored.append(path)
-                continue
-            sample = _folder_sample(path, name, ignored)
-            if sample is None:
-                empty.append(path)
-            else:
-                samples.append(sample)
-    if ignored:
-        logger.warning("%s: ignored %d file(s) or folder(s) that are not view_K/distractor_K images (K = 0, 1, 2): %s",
-                       root, len(ignored), _examples([str(p) for p in ignored]))
-    if empty:
-        logger.warning("%s: skipped %d folder(s) without any view_K/distractor_K image: %s",
-                       root, len(empty), _examples([str(p) for p in empty]))
-    if not samples:
-        raise ValueError(f"{root}: no NearID samples (expected {root}/<sample>/view_0.png ... distractor_2.png)")
-    return samples
+    return _mtg_samples([_hf_table(source, split, revision)], group or _hf_group(source), select)

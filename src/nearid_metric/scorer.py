@@ -35,6 +35,7 @@ from nearid_metric.batching import auto_batch_size, forward_in_chunks
 from nearid_metric.embedding_cache import EmbeddingCache, image_keys
 from nearid_metric.hub import Checkpoint, checkpoint_sha256
 from nearid_metric.images import EncodedImage, ImageLoadError, load_image
+from nearid_metric.masking import MaskedImage, load_masked
 from nearid_metric.preprocess import (
     PreprocessConfig,
     normalization_table,
@@ -44,7 +45,7 @@ from nearid_metric.preprocess import (
 
 logger = logging.getLogger(__name__)
 
-ImageInput = Union[str, os.PathLike, EncodedImage, Image.Image]
+ImageInput = Union[str, os.PathLike, EncodedImage, MaskedImage, Image.Image]
 Images = Union[Sequence[ImageInput], torch.Tensor]
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -70,6 +71,8 @@ class PreprocessedImages(Dataset):
                 image = Image.fromarray(item.permute(1, 2, 0).numpy())
             elif isinstance(item, Image.Image):
                 image = item
+            elif isinstance(item, MaskedImage):
+                image = load_masked(item)
             else:
                 image = load_image(item)
             return index, tuple(resize_to_uint8(image, config) for config in self.configs), None

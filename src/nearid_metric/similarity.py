@@ -16,6 +16,7 @@ import numpy as np
 
 from nearid_metric.data import MTGSample, NearIDSample
 from nearid_metric.images import EncodedImage, ImageLoadError, ImageSource, load_image
+from nearid_metric.masking import MaskedImage
 from nearid_metric.protocol import mtg_oracle
 
 _DOT_CHUNK = 4096  # pairs per chunk when computing similarities
@@ -26,8 +27,8 @@ _MTG_PAIRS = {"sim_1_2": ("image_1", "image_2"), "sim_1_1p": ("image_1", "image_
 
 
 def image_source_key(image: ImageSource) -> Any:
-    """Identity of an image source: the EncodedImage itself, or the path as a string."""
-    return image if isinstance(image, EncodedImage) else os.fspath(image)
+    """Identity of an image source: the EncodedImage or MaskedImage itself, or the path as a string."""
+    return image if isinstance(image, (EncodedImage, MaskedImage)) else os.fspath(image)
 
 
 def unique_images(samples: Iterable[NearIDSample | MTGSample]) -> list[ImageSource]:
