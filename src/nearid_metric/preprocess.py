@@ -116,8 +116,17 @@ class PreprocessConfig:
         crop = _size_dict(config["crop_size"], square=True)
         if not {"height", "width"} <= set(crop):
             raise ValueError(f"preprocessor config crop_size must give height and width, got {crop!r}")
-        return cls(height=int(crop["height"]), width=int(crop["width"]), resample=int(config["resample"]), resize_mode="shortest",
-                   shortest_edge=shortest_edge, crop_offset="floor", **_rescale_normalize(config))
+        return cls(height=int(crop["height"]), width=int(crop["width"]), resample=int(config["resample"]),
+                   resize_mode="shortest", shortest_edge=shortest_edge, crop_offset="floor",
+                   **_rescale_normalize(config))
+
+    def describe(self) -> str:
+        """The resize and crop in a few characters: ``squash384x384-bilinear``, ``shortest256-crop224x224-bicubic``."""
+        names = {code: name for name, code in _PIL_FILTERS.items()}
+        resample = names.get(self.resample, f"filter{self.resample}")
+        if self.resize_mode == "squash":
+            return f"squash{self.height}x{self.width}-{resample}"
+        return f"shortest{self.shortest_edge}-crop{self.height}x{self.width}-{resample}"
 
     @classmethod
     def from_file(cls, path: str | Path) -> PreprocessConfig:
