@@ -341,3 +341,29 @@ def test_dinov2_attention_runs_through_sdpa(hf_dinov2, monkeypatch):
                         lambda q, *args, **kwargs: calls.append(q.shape) or real(q, *args, **kwargs))
     create_scorer("dinov2", pretrained=hf_dinov2[0], device="cpu").embed([random_image(5, (40, 40))])
     assert len(calls) == TINY_DINOV2["num_hidden_layers"]
+
+
+def test_hub_repo_in_the_open_clip_layout_fetches_no_unread_weights(clip_folder, tmp_path, monkeypatch):
+    """A timm CLIP repo holds open_clip files and a timm config.json + model.safetensors: only the former are fetched."""
+    import huggingface_hub
+
+    from nearid_metric import create_scorer
+
+    repo = copy_folder(clip_folder, tmp_path / "repo")
+    (repo / "config.json").write_text(json.dumps({"architecture": "vit_base_patch32_clip_224"}))
+    (repo / "model.safetensors").write_bytes(b"timm weights, never to be fetched")
+    fetched = []
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None):
+        snapshot = tmp_path / "cache" / ("0" * 40)
+        snapshot.mkdir(parents=True, exist_ok=True)
+        for name in allow_patterns:
+            if (repo / name).is_file():
+                fetched.append(name)
+                (snapshot / name).write_bytes((repo / name).read_bytes())
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    scorer = create_scorer("clip-i", pretrained="timm/tiny-clip", device="cpu")
+    assert "model.safetensors" not in fetched and "open_clip_model.safetensors" in fetched
+    assert scorer.signature.startswith(f"clip-i:timm/tiny-clip@{'0' * 40}|") and "|open_clip:" in scorer.signature

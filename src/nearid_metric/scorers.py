@@ -235,10 +235,17 @@ def create_scorer(
 
 
 def _resolve_layout(info: ScorerInfo, source: str | os.PathLike, revision: str | None) -> tuple[Checkpoint, Layout]:
-    """The checkpoint and the first of ``info.layouts`` whose files it holds; else FileNotFoundError naming the lacks."""
+    """The checkpoint and the first of ``info.layouts`` whose files it holds; else FileNotFoundError naming the lacks.
+
+    With several layouts, a layout's small files are fetched before its weights, so a Hub repo in
+    another layout (e.g. timm's CLIP repos, which also hold a timm ``model.safetensors``) costs no
+    download of weights that are not read.
+    """
     failures: list[FileNotFoundError] = []
     for layout in info.layouts:
         try:
+            if len(info.layouts) > 1:
+                resolve_checkpoint(source, revision, tuple(f for f in layout.files if f != layout.weights_file))
             checkpoint = resolve_checkpoint(source, revision, layout.files)
         except FileNotFoundError as e:
             failures.append(e)
