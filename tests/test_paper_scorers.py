@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_image
+from conftest import random_image, randomize_
 from PIL import Image
 
 from nearid_metric.preprocess import PreprocessConfig, preprocess
@@ -136,7 +136,6 @@ def image_features(model, pixels: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(scope="module", params=sorted(CLIP_SHAPES))
 def hf_clip(request, tmp_path_factory):
     """(scorer name, folder, CLIPModel): a tiny OpenAI-style CLIP saved as openai/clip-vit-* are."""
-    from conftest import randomize_
     from transformers import CLIPConfig, CLIPModel
 
     shape = dict(CLIP_SHAPES[request.param])
@@ -156,7 +155,6 @@ def hf_clip(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def hf_dinov2(tmp_path_factory):
     """(folder, Dinov2Model): a tiny DINOv2 saved as facebook/dinov2-large is."""
-    from conftest import randomize_
     from transformers import Dinov2Config, Dinov2Model
 
     model = Dinov2Model(Dinov2Config(**TINY_DINOV2))
@@ -205,6 +203,16 @@ def test_dinov2_matches_transformers(hf_dinov2):
         expected = torch.nn.functional.normalize(model(pixel_values=expected_pixels).last_hidden_state[:, 0], dim=-1)
     assert (scorer.embed(images) - expected).abs().max() < TOL
     assert scorer.embed_dim == TINY_DINOV2["hidden_size"]
+
+
+def test_bf16_close_to_fp32(hf_clip, hf_dinov2):
+    from nearid_metric import create_scorer
+
+    images = pictures()[:4]
+    for name, folder in ((hf_clip[0], hf_clip[1]), ("dinov2", hf_dinov2[0])):
+        full = create_scorer(name, pretrained=folder, device="cpu").embed(images)
+        half = create_scorer(name, pretrained=folder, device="cpu", precision="bf16").embed(images)
+        assert half.dtype == torch.float32 and (full * half).sum(-1).min() > 0.99, name
 
 
 def test_dinov2_position_grid_resampled_as_transformers(hf_dinov2):
@@ -343,18 +351,19 @@ def test_dinov2_attention_runs_through_sdpa(hf_dinov2, monkeypatch):
     assert len(calls) == TINY_DINOV2["num_hidden_layers"]
 
 
-def test_hub_repo_in_the_open_clip_layout_fetches_no_unread_weights(clip_folder, tmp_path, monkeypatch):
-    """A timm CLIP repo holds open_clip files and a timm config.json + model.safetensors: only the former are fetched."""
+@pytest.fixture
+def open_clip_hub_repo(clip_folder, tmp_path, monkeypatch) -> list[str]:
+    """``timm/tiny-clip`` on a fake Hub, laid out as timm's CLIP repos: open_clip files plus a timm
+    ``config.json`` + ``model.safetensors``. Returns the list of files fetched from it."""
     import huggingface_hub
-
-    from nearid_metric import create_scorer
 
     repo = copy_folder(clip_folder, tmp_path / "repo")
     (repo / "config.json").write_text(json.dumps({"architecture": "vit_base_patch32_clip_224"}))
     (repo / "model.safetensors").write_bytes(b"timm weights, never to be fetched")
-    fetched = []
+    fetched: list[str] = []
 
     def snapshot_download(repo_id, revision=None, allow_patterns=None):
+        assert repo_id == "timm/tiny-clip"
         snapshot = tmp_path / "cache" / ("0" * 40)
         snapshot.mkdir(parents=True, exist_ok=True)
         for name in allow_patterns:
@@ -364,6 +373,22 @@ def test_hub_repo_in_the_open_clip_layout_fetches_no_unread_weights(clip_folder,
         return str(snapshot)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return fetched
+
+
+def test_hub_repo_in_the_open_clip_layout_fetches_no_unread_weights(open_clip_hub_repo):
+    from nearid_metric import create_scorer
+
     scorer = create_scorer("clip-i", pretrained="timm/tiny-clip", device="cpu")
-    assert "model.safetensors" not in fetched and "open_clip_model.safetensors" in fetched
+    assert "model.safetensors" not in open_clip_hub_repo and "open_clip_model.safetensors" in open_clip_hub_repo
     assert scorer.signature.startswith(f"clip-i:timm/tiny-clip@{'0' * 40}|") and "|open_clip:" in scorer.signature
+
+
+def test_download_command_fetches_the_layout_the_repo_is_in(open_clip_hub_repo, tmp_path, capsys):
+    from nearid_metric.cli import main
+
+    assert main(["download", "--model", "clip-l14=timm/tiny-clip", "--to", str(tmp_path / "copy")]) == 0
+    assert "model.safetensors" not in open_clip_hub_repo
+    assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == [
+        "nearid-weights.json", "open_clip_config.json", "open_clip_model.safetensors"]
+    assert "clip-l14: use --model" in capsys.readouterr().out

@@ -29,7 +29,7 @@ from nearid_metric.hub import ChecksumError, Download, download_checkpoint, regi
 from nearid_metric.pairing import Pairing, pair_all, pair_by_name, pair_from_manifest
 from nearid_metric.report import describe_ci
 from nearid_metric.scorer import PRECISIONS, Scorer, score_pairs
-from nearid_metric.scorers import create_scorer, list_scorers, scorer_info
+from nearid_metric.scorers import create_scorer, list_scorers, resolve_layout, scorer_info
 from nearid_metric.stats import BOOTSTRAP_RESAMPLES, CI_LEVEL, bootstrap_ci
 
 logger = logging.getLogger("nearid_metric")
@@ -354,10 +354,10 @@ def download_main(argv: list[str]) -> int:
     code = EXIT_OK
     with stderr_logging("nearid-score download"):
         for column, name, weights in models:
-            info = scorer_info(name)
-            source = weights or info.weights
+            source = weights or scorer_info(name).weights
             try:
-                fetched = download_checkpoint(source, revision=args.revision, files=info.files, to=args.to)
+                _, layout = resolve_layout(name, source, args.revision)  # the files of the layout the source is in
+                fetched = download_checkpoint(source, revision=args.revision, files=layout.files, to=args.to)
             except ChecksumError as e:
                 logger.error("%s: %s", column, e)
                 code = EXIT_NOTHING_SCORED

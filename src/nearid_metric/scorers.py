@@ -152,9 +152,8 @@ def _build_timm(folder: Path, dtype: torch.dtype, device: torch.device) -> Built
     return model, config_from_timm(resolve_data_config({}, model=model)), model.num_features
 
 
-OPEN_CLIP = Layout("open_clip", ("open_clip_config.json", "open_clip_model.safetensors"),
-                   "open_clip_model.safetensors", _build_open_clip)
-CLIP_READOUT = "projected image embedding"
+_OPEN_CLIP = Layout("open_clip", ("open_clip_config.json", "open_clip_model.safetensors"),
+                    "open_clip_model.safetensors", _build_open_clip)
 
 SCORERS: dict[str, ScorerInfo] = {
     info.name: info
@@ -169,13 +168,13 @@ SCORERS: dict[str, ScorerInfo] = {
                    "SigLIP2 so400m/14", "mean of final post-LayerNorm patch tokens", "timm", _build_siglip("mean"),
                    matches="NearID paper DreamBench++ human-alignment 'SigLIP2' row"),
         ScorerInfo("clip-i", "clip-vit-b-32-openai", CHECKPOINT_FILES, "model.safetensors",
-                   "CLIP ViT-B/32 (OpenAI)", CLIP_READOUT, "open_clip", _build_clip,
+                   "CLIP ViT-B/32 (OpenAI)", "projected image embedding", "open_clip", _build_clip,
                    matches="DreamBench++ CLIP-I (openai/clip-vit-base-patch32 with CLIPProcessor)",
-                   also_reads=(OPEN_CLIP,), sign_preprocessing=True),
+                   also_reads=(_OPEN_CLIP,), sign_preprocessing=True),
         ScorerInfo("clip-l14", "clip-vit-l-14-openai", CHECKPOINT_FILES, "model.safetensors",
-                   "CLIP ViT-L/14 (OpenAI)", CLIP_READOUT, "open_clip", _build_clip,
+                   "CLIP ViT-L/14 (OpenAI)", "projected image embedding", "open_clip", _build_clip,
                    matches="NearID paper Table 1 'CLIP' row (openai/clip-vit-large-patch14)",
-                   also_reads=(OPEN_CLIP,), sign_preprocessing=True),
+                   also_reads=(_OPEN_CLIP,), sign_preprocessing=True),
         ScorerInfo("dinov2", "dinov2-large", CHECKPOINT_FILES, "model.safetensors",
                    "DINOv2 ViT-L/14", "class token after the final LayerNorm", "timm", _build_dinov2,
                    matches="NearID paper Table 1 'DINOv2' row (facebook/dinov2-large, 224-px crop)",
@@ -222,7 +221,7 @@ def create_scorer(
     """
     info = scorer_info(name)
     check_precision(precision)
-    checkpoint, layout = _resolve_layout(info, pretrained if pretrained is not None else info.weights, revision)
+    checkpoint, layout = resolve_layout(name, pretrained, revision)
     device = pick_device(device)
     encoder, preprocess_config, embed_dim = layout.build(checkpoint.folder, PRECISIONS[precision], device)
     if compile:
@@ -234,13 +233,17 @@ def create_scorer(
                signature=signature(name, checkpoint, precision, layout.weights_file, detail))
 
 
-def _resolve_layout(info: ScorerInfo, source: str | os.PathLike, revision: str | None) -> tuple[Checkpoint, Layout]:
-    """The checkpoint and the first of ``info.layouts`` whose files it holds; else FileNotFoundError naming the lacks.
+def resolve_layout(name: str, pretrained: str | os.PathLike | None = None,
+                   revision: str | None = None) -> tuple[Checkpoint, Layout]:
+    """Scorer ``name``'s checkpoint (``pretrained`` as in :func:`create_scorer`) and the layout it is in.
 
-    With several layouts, a layout's small files are fetched before its weights, so a Hub repo in
-    another layout (e.g. timm's CLIP repos, which also hold a timm ``model.safetensors``) costs no
-    download of weights that are not read.
+    The first of :attr:`ScorerInfo.layouts` whose files the folder (or Hub repo) holds; else
+    FileNotFoundError naming what each lacks. With several layouts, a layout's small files are
+    fetched before its weights, so a Hub repo in another layout (e.g. timm's CLIP repos, which
+    also hold a timm ``model.safetensors``) costs no download of weights that are not read.
     """
+    info = scorer_info(name)
+    source = pretrained if pretrained is not None else info.weights
     failures: list[FileNotFoundError] = []
     for layout in info.layouts:
         try:
