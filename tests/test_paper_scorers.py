@@ -133,23 +133,27 @@ def image_features(model, pixels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(out if isinstance(out, torch.Tensor) else out.pooler_output, dim=-1)
 
 
-@pytest.fixture(scope="module", params=sorted(CLIP_SHAPES))
-def hf_clip(request, tmp_path_factory):
-    """(scorer name, folder, CLIPModel): a tiny OpenAI-style CLIP saved as openai/clip-vit-* are."""
+def save_clip(folder: Path, shape: dict, hidden_act: str = "quick_gelu", seed: int = 5):
+    """A tiny random CLIPModel of ``shape`` saved as openai/clip-vit-* are (text tower included); returns it."""
     from transformers import CLIPConfig, CLIPModel
 
-    shape = dict(CLIP_SHAPES[request.param])
     text = dict(hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=2, vocab_size=64,
                 max_position_embeddings=16, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    vision = dict(num_hidden_layers=2, image_size=224, hidden_act="quick_gelu", **shape)
+    vision = dict(num_hidden_layers=2, image_size=224, hidden_act=hidden_act, **shape)
     projection = vision.pop("projection")
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection))
-    randomize_(model, 5)
-    folder = tmp_path_factory.mktemp(request.param)
+    randomize_(model, seed)
     model.eval().save_pretrained(folder)
     write_preprocessor(folder, CLIP_PREPROCESSOR)
     assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= {p.name for p in folder.iterdir()}
-    return request.param, folder, model
+    return model
+
+
+@pytest.fixture(scope="module", params=sorted(CLIP_SHAPES))
+def hf_clip(request, tmp_path_factory):
+    """(scorer name, folder, CLIPModel): a tiny OpenAI-style CLIP of that scorer's shape."""
+    folder = tmp_path_factory.mktemp(request.param)
+    return request.param, folder, save_clip(folder, CLIP_SHAPES[request.param])
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +192,29 @@ def test_clip_matches_transformers(hf_clip):
     got = scorer.embed(images)
     assert (got - image_features(model, expected_pixels)).abs().max() < TOL
     assert scorer.embed_dim == CLIP_SHAPES[name]["projection"]
+
+
+def test_clip_with_exact_gelu_matches_transformers(tmp_path):
+    """Non-OpenAI CLIPs in the transformers format (e.g. LAION's) use exact GELU: read as such."""
+    from nearid_metric import create_scorer
+
+    model = save_clip(tmp_path, CLIP_SHAPES["clip-i"], hidden_act="gelu", seed=7)
+    images = pictures()[:4]
+    pixels = reference_processor(tmp_path)(images=images, return_tensors="pt")["pixel_values"]
+    got = create_scorer("clip-i", pretrained=tmp_path, device="cpu").embed(images)
+    assert (got - image_features(model, pixels)).abs().max() < TOL
+
+
+def test_clip_config_read_as_transformers_reads_it():
+    """Missing fields take CLIPVisionConfig's defaults; an older file's vision_config_dict wins over vision_config."""
+    from nearid_metric.convert import clip_vision_config
+
+    config = clip_vision_config({"vision_config": {"hidden_size": 1024, "patch_size": 14},
+                                 "vision_config_dict": {"patch_size": 16}})
+    assert (config["hidden_size"], config["patch_size"], config["hidden_act"], config["layer_norm_eps"]) == (
+        1024, 16, "quick_gelu", 1e-5)
+    with pytest.raises(ValueError, match="hidden_act 'relu'"):
+        clip_vision_config({"vision_config": {"hidden_act": "relu"}})
 
 
 def test_dinov2_matches_transformers(hf_dinov2):

@@ -27,12 +27,12 @@ from timm.layers import LayerNorm
 from timm.models.vision_transformer import VisionTransformer
 
 # transformers' CLIPVisionConfig / Dinov2Config defaults for fields a config.json may leave out.
-CLIP_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                            num_channels=3, image_size=224, patch_size=32, hidden_act="quick_gelu",
-                            layer_norm_eps=1e-5)
-DINOV2_DEFAULTS = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4, hidden_act="gelu",
-                       layer_norm_eps=1e-6, image_size=224, patch_size=14, num_channels=3, qkv_bias=True,
-                       layerscale_value=1.0, use_swiglu_ffn=False)
+_CLIP_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                             num_channels=3, image_size=224, patch_size=32, hidden_act="quick_gelu",
+                             layer_norm_eps=1e-5)
+_DINOV2_DEFAULTS = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4, hidden_act="gelu",
+                        layer_norm_eps=1e-6, image_size=224, patch_size=14, num_channels=3, qkv_bias=True,
+                        layerscale_value=1.0, use_swiglu_ffn=False)
 _CLIP_ACTIVATIONS = {"quick_gelu": QuickGELU, "gelu": torch.nn.GELU}
 
 # CLIPModel names (after "vision_model.") -> open_clip VisionTransformer names; "{i}" is the layer.
@@ -67,7 +67,7 @@ _DINOV2_LAYER = re.compile(r"^encoder\.layer\.(\d+)\.(.+)\.(weight|bias|lambda1)
 _DINOV2_SKIPPED = ("embeddings.mask_token",)  # masked-image-modelling token, unused at inference
 
 
-def read_config(folder: Path, model_type: str) -> dict[str, Any]:
+def _read_config(folder: Path, model_type: str) -> dict[str, Any]:
     """``folder/config.json``, checked to be a transformers config of ``model_type`` (``clip``, ``dinov2``)."""
     path = folder / "config.json"
     with open(path, encoding="utf-8") as f:
@@ -78,7 +78,7 @@ def read_config(folder: Path, model_type: str) -> dict[str, Any]:
     return config
 
 
-def read_tensors(path: Path, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+def _read_tensors(path: Path, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file, except those whose names start with one of ``skip`` (not read)."""
     with safe_open(path, framework="pt") as f:
         return {name: f.get_tensor(name) for name in f.keys() if not (skip and name.startswith(skip))}
@@ -92,7 +92,7 @@ def clip_vision_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
     ``vision_config_dict`` (older files) overrides ``vision_config``, as transformers reads it.
     """
-    vision = {**CLIP_VISION_DEFAULTS, **config.get("vision_config", {}), **config.get("vision_config_dict", {})}
+    vision = {**_CLIP_VISION_DEFAULTS, **config.get("vision_config", {}), **config.get("vision_config_dict", {})}
     if vision["hidden_act"] not in _CLIP_ACTIVATIONS:
         raise ValueError(f"unsupported CLIP hidden_act {vision['hidden_act']!r}; known: {sorted(_CLIP_ACTIVATIONS)}")
     if vision["num_channels"] != 3:
@@ -142,8 +142,8 @@ def load_clip_visual(folder: Path, *, dtype: torch.dtype, device: torch.device |
     (``text_model.*``, ``text_projection.*``, ``logit_scale`` are not read); strict loading, eval
     mode, no gradients.
     """
-    vision = clip_vision_config(read_config(folder, "clip"))
-    state = convert_clip_state_dict(read_tensors(folder / "model.safetensors", skip=_CLIP_TEXT_TOWER))
+    vision = clip_vision_config(_read_config(folder, "clip"))
+    state = convert_clip_state_dict(_read_tensors(folder / "model.safetensors", skip=_CLIP_TEXT_TOWER))
     if "proj" not in state:
         raise KeyError(f"{folder / 'model.safetensors'} has no visual_projection.weight: not a CLIPModel checkpoint")
     width = vision["hidden_size"]
@@ -168,7 +168,7 @@ def load_clip_visual(folder: Path, *, dtype: torch.dtype, device: torch.device |
 
 def dinov2_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """A transformers ``Dinov2Config`` dict with transformers' defaults filled in; refuses what timm's ViT lacks."""
-    config = {**DINOV2_DEFAULTS, **config}
+    config = {**_DINOV2_DEFAULTS, **config}
     if config["use_swiglu_ffn"]:
         raise ValueError("DINOv2 checkpoint uses a SwiGLU MLP (use_swiglu_ffn, e.g. dinov2-giant); not supported")
     if config["hidden_act"] != "gelu":
@@ -239,10 +239,10 @@ def load_dinov2(folder: Path, image_size: tuple[int, int], *, dtype: torch.dtype
     Reads a transformers DINOv2 folder (``config.json`` with ``model_type: dinov2``,
     ``model.safetensors``); strict loading, eval mode, no gradients.
     """
-    config = dinov2_config(read_config(folder, "dinov2"))
+    config = dinov2_config(_read_config(folder, "dinov2"))
     patch = config["patch_size"]
     grid = (image_size[0] // patch, image_size[1] // patch)
-    state = convert_dinov2_state_dict(read_tensors(folder / "model.safetensors"), grid)
+    state = convert_dinov2_state_dict(_read_tensors(folder / "model.safetensors"), grid)
     with torch.device("meta"):
         model = VisionTransformer(
             img_size=tuple(image_size),
