@@ -244,10 +244,11 @@ def resolve_layout(name: str, pretrained: str | os.PathLike | None = None,
     """
     info = scorer_info(name)
     source = pretrained if pretrained is not None else info.weights
+    probe = len(info.layouts) > 1 and not Path(source).expanduser().is_dir()
     failures: list[FileNotFoundError] = []
     for layout in info.layouts:
         try:
-            if len(info.layouts) > 1:
+            if probe:
                 resolve_checkpoint(source, revision, tuple(f for f in layout.files if f != layout.weights_file))
             checkpoint = resolve_checkpoint(source, revision, layout.files)
         except FileNotFoundError as e:
