@@ -204,7 +204,7 @@ def test_several_models_in_one_pass(folders, checkpoint_dir, clip_folder, dino_f
     import nearid_metric.scorer as scorer_module
 
     ref, gen = folders
-    models = {"nearid": checkpoint_dir, "clip-i": clip_folder, "dinov2": dino_folder}
+    models = {"nearid": checkpoint_dir, "clip-i": clip_folder, "dinov2-518": dino_folder}
     separate = {}
     for name, folder in models.items():
         assert run_cli(ref, gen, "--model", f"{name}={folder}", "--out", tmp_path / name) == 0
@@ -216,14 +216,14 @@ def test_several_models_in_one_pass(folders, checkpoint_dir, clip_folder, dino_f
     spec = ",".join(f"{name}={folder}" for name, folder in models.items())
     assert run_cli(ref, gen, "--model", spec, "--out", tmp_path / "all") == 0
     rows = read_csv(tmp_path / "all" / "scores.csv")
-    assert list(rows[0]) == ["ref", "gen", "nearid", "clip-i", "dinov2"]
+    assert list(rows[0]) == ["ref", "gen", "nearid", "clip-i", "dinov2-518"]
     assert len(opened) == len(set(opened)) == 7 + 7  # every paired file (both sides), once
     for name in models:
         assert [(r["ref"], r["gen"], r[name]) for r in rows] == [(r["ref"], r["gen"], r[name]) for r in separate[name]]
     summary = json.loads((tmp_path / "all" / "summary.json").read_text())
     assert list(summary["models"]) == list(models)
     assert summary["models"]["clip-i"]["signature"].startswith("clip-i:local:")
-    assert "dinov2: mean" in capsys.readouterr().out
+    assert "dinov2-518: mean" in capsys.readouterr().out
 
 
 def test_model_spec_errors(folders, checkpoint_dir, capsys):

@@ -4,6 +4,7 @@ Each tiny checkpoint is written in the real released format by the library that 
 (transformers ``SiglipModel.save_pretrained``; an open_clip ``CLIP`` saved as
 ``open_clip_config.json`` + ``open_clip_model.safetensors``; timm's own ``save_for_hf``) and
 read back through :func:`nearid_metric.create_scorer`, the code path of the full models.
+The transformers-format CLIP and DINOv2 defaults are tested in ``test_paper_scorers.py``.
 """
 
 from __future__ import annotations
@@ -111,11 +112,12 @@ def test_clip_needs_safetensors(clip_folder, tmp_path):
     folder.mkdir()
     (folder / "open_clip_config.json").write_bytes((clip_folder / "open_clip_config.json").read_bytes())
     (folder / "open_clip_pytorch_model.bin").write_bytes(b"not to be unpickled")
-    with pytest.raises(FileNotFoundError, match="open_clip_model.safetensors"):
+    with pytest.raises(FileNotFoundError, match="open_clip_model.safetensors") as excinfo:
         create_scorer("clip-i", pretrained=folder, device="cpu")
+    assert "model.safetensors, preprocessor_config.json" in str(excinfo.value)  # nor in the transformers layout
 
 
-# --- DINOv2 (timm) -------------------------------------------------------------------------------
+# --- dinov2-518: timm's DINOv2 folder at its native 518 px (tiny: 56 px) ------------------------
 
 
 def timm_to_transformers_dinov2(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
@@ -149,7 +151,7 @@ def test_dinov2_pixels_match_timm_transform(dino_folder):
 
     model = timm.create_model(f"local-dir:{dino_folder}", pretrained=True, num_classes=0)
     transform = create_transform(**resolve_data_config({}, model=model))
-    scorer = create_scorer("dinov2", pretrained=dino_folder, device="cpu")
+    scorer = create_scorer("dinov2-518", pretrained=dino_folder, device="cpu")
     table = normalization_table(scorer.preprocess_config)
     for image in pictures():
         ours = normalize_uint8(resize_to_uint8(image, scorer.preprocess_config)[None], table)[0]
@@ -169,7 +171,7 @@ def test_dinov2_matches_transformers(dino_folder, tmp_path):
     reference, info = Dinov2Model.from_pretrained(tmp_path, output_loading_info=True)
     assert not any(info.values()), info  # every weight matched, nothing left at random init
     reference.eval()
-    scorer = create_scorer("dinov2", pretrained=dino_folder, device="cpu")
+    scorer = create_scorer("dinov2-518", pretrained=dino_folder, device="cpu")
     images = pictures()
     table = normalization_table(scorer.preprocess_config)
     pixels = normalize_uint8(torch.stack([resize_to_uint8(im, scorer.preprocess_config) for im in images]), table)
@@ -184,7 +186,8 @@ def test_dinov2_matches_transformers(dino_folder, tmp_path):
 
 def test_list_scorers():
     assert list_scorers()[:1] == ["nearid"]
-    assert {"nearid", "siglip2-map", "siglip2-mean", "clip-i", "dinov2"} <= set(list_scorers())
+    expected = {"nearid", "siglip2-map", "siglip2-mean", "clip-i", "clip-l14", "dinov2", "dinov2-518"}
+    assert expected <= set(list_scorers())
 
 
 def test_nearid_through_create_scorer(checkpoint_dir, scorer):
@@ -205,9 +208,9 @@ def test_bad_precision(clip_folder):
         create_scorer("clip-i", pretrained=clip_folder, precision="fp8")
 
 
-@pytest.mark.parametrize("name", ["clip-i", "dinov2"])
+@pytest.mark.parametrize("name", ["clip-i", "dinov2-518"])
 def test_bf16_close_to_fp32(name, clip_folder, dino_folder):
-    folder = {"clip-i": clip_folder, "dinov2": dino_folder}[name]
+    folder = {"clip-i": clip_folder, "dinov2-518": dino_folder}[name]
     images = pictures()
     full = create_scorer(name, pretrained=folder, device="cpu").embed(images)
     half = create_scorer(name, pretrained=folder, device="cpu", precision="bf16").embed(images)
@@ -240,7 +243,7 @@ def test_embed_images_shares_one_decode(monkeypatch, tmp_path, checkpoint_dir, c
     scorers = [create_scorer("nearid", pretrained=checkpoint_dir, device="cpu"),
                create_scorer("siglip2-mean", pretrained=siglip_base[0], device="cpu"),
                create_scorer("clip-i", pretrained=clip_folder, device="cpu"),
-               create_scorer("dinov2", pretrained=dino_folder, device="cpu")]
+               create_scorer("dinov2-518", pretrained=dino_folder, device="cpu")]
     separate = [s.embed_with_failures(paths, batch_size=4) for s in scorers]
 
     calls = []

@@ -143,7 +143,7 @@ def test_out_of_memory_at_one_image_is_a_clear_error():
 # --- fused attention, torch.compile ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["nearid", "dinov2"])
+@pytest.mark.parametrize("name", ["nearid", "dinov2-518"])
 def test_attention_runs_through_sdpa(name, checkpoint_dir, dino_folder, monkeypatch):
     """timm's attention layers (trunk and MAP head) call F.scaled_dot_product_attention, in bf16 too."""
     calls = []

@@ -1,12 +1,15 @@
 """Image preprocessing, read from the configuration that travels with each model's weights.
 
-For NearID and SigLIP2 (``preprocessor_config.json``) this reproduces transformers'
-PIL-backend ``SiglipImageProcessor`` (``use_fast=False``), the path the paper's numbers
-used: convert to RGB (non-RGB modes through RGBA composited on white), resize straight to
-(height, width) with the PIL filter named in the file, then rescale and normalise.
-For the CLIP and DINOv2 baselines it reproduces the eval transforms of open_clip and timm
-(``open_clip_config.json`` / timm's ``pretrained_cfg``): plain ``convert("RGB")``, resize
-the shortest edge, centre crop, then ``ToTensor`` + ``Normalize``.
+For transformers-format checkpoints (``preprocessor_config.json``) this reproduces the
+PIL backend of transformers' image processors (``use_fast=False``), the path the paper's
+numbers used: convert to RGB (images with transparency composited on white), then either
+resize straight to (height, width) with the PIL filter named in the file (SigLIP, for NearID
+and SigLIP2) or resize the shortest edge and centre-crop (CLIP's ``CLIPImageProcessor``,
+DINOv2's ``BitImageProcessor``; crop offsets floored as transformers does), then rescale
+and normalise.
+For open_clip and timm folders it reproduces their eval transforms (``open_clip_config.json``
+/ timm's ``pretrained_cfg``): plain ``convert("RGB")``, resize the shortest edge, centre crop
+(offsets rounded as torchvision does), then ``ToTensor`` + ``Normalize``.
 
 Resizing happens on uint8 PIL images (in data-loader workers); rescale + normalise is a
 per-channel 256-entry lookup table applied on the device, which gives the reference's
@@ -27,6 +30,10 @@ from PIL import Image
 
 RESIZE_MODES = ("squash", "shortest")
 RGB_MODES = ("white", "convert")
+CROP_OFFSETS = ("round", "floor")
+# transformers processors that read an int ``size`` as the shortest edge (``default_to_square=False``);
+# the others read it as a square. Older files (e.g. openai/clip-*) name the class as a feature extractor.
+_SHORTEST_EDGE_PROCESSORS = frozenset({"CLIPImageProcessor", "CLIPFeatureExtractor", "BitImageProcessor"})
 _PIL_FILTERS = {"bilinear": int(Image.Resampling.BILINEAR), "bicubic": int(Image.Resampling.BICUBIC)}
 
 
@@ -39,6 +46,9 @@ class PreprocessConfig:
     ``Resize(int)``) then centre-crops (height, width) (CLIP, DINOv2).
     ``rgb_mode``: ``white`` composites non-RGB images on white through RGBA (transformers'
     processors); ``convert`` is PIL's plain ``convert("RGB")`` (open_clip, timm loaders).
+    ``crop_offset``: how the centre crop's top-left corner is rounded when the margin is odd:
+    ``round`` half to even (torchvision's ``CenterCrop``), ``floor`` (transformers'
+    ``center_crop``, which never pads here: it needs ``shortest_edge`` >= the crop size).
     """
 
     height: int
@@ -52,6 +62,7 @@ class PreprocessConfig:
     resize_mode: str = "squash"
     shortest_edge: int | None = None
     rgb_mode: str = "white"
+    crop_offset: str = "round"
 
     def __post_init__(self):
         if self.resize_mode not in RESIZE_MODES:
@@ -60,27 +71,61 @@ class PreprocessConfig:
             raise ValueError(f"rgb_mode must be one of {RGB_MODES}, got {self.rgb_mode!r}")
         if (self.resize_mode == "shortest") != (self.shortest_edge is not None):
             raise ValueError("shortest_edge is given exactly when resize_mode is 'shortest'")
+        if self.crop_offset not in CROP_OFFSETS:
+            raise ValueError(f"crop_offset must be one of {CROP_OFFSETS}, got {self.crop_offset!r}")
+        if self.crop_offset == "floor" and (self.shortest_edge or 0) < max(self.height, self.width):
+            raise ValueError(f"shortest edge {self.shortest_edge} is below the crop {self.height}x{self.width}: "
+                             f"transformers' centre crop would pad, which is not reproduced")
 
     @classmethod
     def from_dict(cls, config: dict) -> PreprocessConfig:
-        """Parse a ``preprocessor_config.json`` dict; refuse settings this package does not reproduce."""
+        """Parse a transformers ``preprocessor_config.json`` dict; refuse settings this package does not reproduce.
+
+        ``size`` as height and width (SigLIP): resize straight to it, no crop. ``size`` as
+        ``shortest_edge`` (CLIP, BiT): resize the shortest edge, then ``do_center_crop`` to
+        ``crop_size`` is required (a fixed input size); such a file must name its ``resample``,
+        ``crop_size``, ``image_mean`` and ``image_std`` (class defaults are not guessed). An int
+        ``size`` / ``crop_size`` is read as transformers does for the processor class the file names.
+        """
         if not config.get("do_resize", True):
             raise ValueError("preprocessor config has do_resize=false; NearID batches need a fixed input size")
+        size = _size_dict(config.get("size", {}), square=_processor_type(config) not in _SHORTEST_EDGE_PROCESSORS)
+        if "shortest_edge" in size:
+            return cls._from_shortest_edge(config, int(size["shortest_edge"]))
         if config.get("do_center_crop"):
-            raise ValueError("preprocessor config asks for a centre crop; SigLIP processors resize without cropping")
-        size = config.get("size", {})
+            raise ValueError("preprocessor config asks for a centre crop after a fixed-size resize; "
+                             "only shortest-edge resizes are centre-cropped here")
         if not {"height", "width"} <= set(size):
             raise ValueError(f"preprocessor config size must give height and width, got {size!r}")
         return cls(
             height=int(size["height"]),
             width=int(size["width"]),
             resample=int(config.get("resample", Image.Resampling.BILINEAR)),
-            do_rescale=bool(config.get("do_rescale", True)),
-            rescale_factor=float(config.get("rescale_factor", 1 / 255)),
-            do_normalize=bool(config.get("do_normalize", True)),
-            image_mean=_per_channel(config.get("image_mean", 0.5)),
-            image_std=_per_channel(config.get("image_std", 0.5)),
+            **_rescale_normalize(config, mean=0.5, std=0.5),
         )
+
+    @classmethod
+    def _from_shortest_edge(cls, config: dict, shortest_edge: int) -> PreprocessConfig:
+        if not config.get("do_center_crop"):
+            raise ValueError("preprocessor config resizes the shortest edge but does not centre-crop: the input "
+                             "would not have a fixed height and width")
+        missing = [key for key in ("resample", "crop_size", "image_mean", "image_std") if key not in config]
+        if missing:
+            raise ValueError(f"preprocessor config lacks {', '.join(missing)}: a shortest-edge config must name them")
+        crop = _size_dict(config["crop_size"], square=True)
+        if not {"height", "width"} <= set(crop):
+            raise ValueError(f"preprocessor config crop_size must give height and width, got {crop!r}")
+        return cls(height=int(crop["height"]), width=int(crop["width"]), resample=int(config["resample"]),
+                   resize_mode="shortest", shortest_edge=shortest_edge, crop_offset="floor",
+                   **_rescale_normalize(config))
+
+    def describe(self) -> str:
+        """The resize and crop in a few characters: ``squash384x384-bilinear``, ``shortest256-crop224x224-bicubic``."""
+        names = {code: name for name, code in _PIL_FILTERS.items()}
+        resample = names.get(self.resample, f"filter{self.resample}")
+        if self.resize_mode == "squash":
+            return f"squash{self.height}x{self.width}-{resample}"
+        return f"shortest{self.shortest_edge}-crop{self.height}x{self.width}-{resample}"
 
     @classmethod
     def from_file(cls, path: str | Path) -> PreprocessConfig:
@@ -122,6 +167,32 @@ def config_from_timm(data_config: Mapping) -> PreprocessConfig:
     )
 
 
+def _processor_type(config: Mapping) -> str:
+    """The processor class a ``preprocessor_config.json`` names, without a ``Fast`` / ``Pil`` suffix."""
+    name = str(config.get("image_processor_type") or config.get("feature_extractor_type") or "")
+    for suffix in ("Fast", "Pil"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+def _size_dict(size: int | Mapping, *, square: bool) -> dict:
+    """transformers' reading of a ``size`` / ``crop_size`` entry: an int is a square or a shortest edge."""
+    if isinstance(size, int):
+        return {"height": size, "width": size} if square else {"shortest_edge": size}
+    return dict(size)
+
+
+def _rescale_normalize(config: Mapping, **defaults: float) -> dict:
+    """The rescale and normalise fields of a preprocessor config (``defaults``: mean / std when absent)."""
+    return dict(
+        do_rescale=bool(config.get("do_rescale", True)),
+        rescale_factor=float(config.get("rescale_factor", 1 / 255)),
+        do_normalize=bool(config.get("do_normalize", True)),
+        image_mean=_per_channel(config.get("image_mean", defaults.get("mean"))),
+        image_std=_per_channel(config.get("image_std", defaults.get("std"))),
+    )
+
+
 def _per_channel(value: float | Sequence[float]) -> tuple[float, ...]:
     values = (value,) * 3 if isinstance(value, (int, float)) else tuple(value)
     if len(values) != 3:
@@ -156,13 +227,17 @@ def resize_to_uint8(image: Image.Image, config: PreprocessConfig) -> torch.Tenso
     if rgb.size != size:
         rgb = rgb.resize(size, resample=config.resample, reducing_gap=None)
     if config.resize_mode == "shortest":
-        rgb = _center_crop(rgb, config.height, config.width)
+        rgb = _center_crop(rgb, config.height, config.width, config.crop_offset)
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
 
 
-def _center_crop(image: Image.Image, height: int, width: int) -> Image.Image:
-    """torchvision's ``CenterCrop`` on PIL: offsets rounded half to even, zero padding if too small."""
+def _center_crop(image: Image.Image, height: int, width: int, offset: str) -> Image.Image:
+    """Centre crop on PIL: ``offset="round"`` is torchvision's ``CenterCrop`` (offsets rounded half to even,
+    zero padding if too small); ``"floor"`` is transformers' ``center_crop`` (offsets floored; never pads here)."""
     w, h = image.size
+    if offset == "floor":
+        top, left = (h - height) // 2, (w - width) // 2
+        return image.crop((left, top, left + width, top + height))
     if w < width or h < height:
         padded = Image.new(image.mode, (max(w, width), max(h, height)))
         padded.paste(image, ((max(w, width) - w) // 2, (max(h, height) - h) // 2))

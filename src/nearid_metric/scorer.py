@@ -354,10 +354,16 @@ def check_precision(precision: str) -> None:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
 
 
-def signature(kind: str, checkpoint: Checkpoint, precision: str, weights_file: str = "model.safetensors") -> str:
-    """``kind:source@revision|sha256:<12 hex of the weights file>|precision|v<package version>``."""
+def signature(kind: str, checkpoint: Checkpoint, precision: str, weights_file: str = "model.safetensors",
+              detail: str | None = None) -> str:
+    """``kind:source@revision|sha256:<12 hex of the weights file>|[detail|]precision|v<package version>``.
+
+    ``detail``: what else defines the numbers, e.g. the folder layout read and the resize / crop
+    (``transformers:shortest256-crop224x224-bicubic``).
+    """
     digest = checkpoint_sha256(checkpoint.folder / weights_file)[:12]
-    return f"{kind}:{checkpoint.source}@{checkpoint.revision}|sha256:{digest}|{precision}|v{__version__}"
+    middle = f"{detail}|" if detail else ""
+    return f"{kind}:{checkpoint.source}@{checkpoint.revision}|sha256:{digest}|{middle}{precision}|v{__version__}"
 
 
 def _disable(progress: bool | None) -> bool | None:

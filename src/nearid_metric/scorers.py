@@ -7,10 +7,16 @@ encoders come from the libraries that define them, loaded from safetensors only:
 - ``nearid``: the NearID release (timm SigLIP trunk + retrained MAP head, :mod:`nearid_metric.model`);
 - ``siglip2-map`` / ``siglip2-mean``: the SigLIP2 so400m/14 base model through the same
   trunk code, read out by its own MAP head or by the mean of its final patch tokens;
-- ``clip-i``: an open_clip CLIP image tower (``local-dir:`` loading of ``open_clip_config.json``
-  + ``open_clip_model.safetensors``), its projected image embedding;
-- ``dinov2``: a timm DINOv2 ViT (``local-dir:`` loading of timm's ``config.json`` +
-  ``model.safetensors``), its final-LayerNorm class token.
+- ``clip-i`` / ``clip-l14``: an open_clip CLIP image tower, its projected image embedding: by
+  default from OpenAI's transformers-format repos (``openai/clip-vit-base-patch32``, as
+  DreamBench++; ``openai/clip-vit-large-patch14``, the paper's "CLIP"), converted by
+  :mod:`nearid_metric.convert`; an open_clip folder (``open_clip_config.json`` +
+  ``open_clip_model.safetensors``) is read by open_clip's ``local-dir:`` loader;
+- ``dinov2``: ``facebook/dinov2-large`` (the paper's "DINOv2", its ``BitImageProcessor``
+  preprocessing) in a timm ViT, its final-LayerNorm class token; ``dinov2-518``: timm's own
+  DINOv2 release (``local-dir:`` loading) at its native 518 px, not the paper's.
+
+A scorer's folder layouts are tried in order; the first whose files the folder holds is read.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from nearid_metric.hub import CHECKPOINT_FILES, resolve_checkpoint
+from nearid_metric.convert import load_clip_visual, load_dinov2
+from nearid_metric.hub import CHECKPOINT_FILES, Checkpoint, registry, resolve_checkpoint
 from nearid_metric.model import TokenMean, load_checkpoint_trunk
 from nearid_metric.preprocess import (
     PreprocessConfig,
@@ -45,11 +52,29 @@ DEFAULT_CHECKPOINT = "nearid"
 
 # (encoder on device in dtype, preprocessing, embedding width)
 Built = tuple[torch.nn.Module, PreprocessConfig, int]
+Builder = Callable[[Path, torch.dtype, torch.device], Built]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A checkpoint folder format: its ``name``, the files it holds, which of them is the weights, and its builder."""
+
+    name: str
+    files: tuple[str, ...]
+    weights_file: str
+    build: Builder
 
 
 @dataclass(frozen=True)
 class ScorerInfo:
-    """What a scorer is: its default weights (a registry name), what a weights folder holds, and how it reads out."""
+    """What a scorer is: its default weights (a registry name), what a weights folder holds, and how it reads out.
+
+    ``files`` / ``weights_file`` / ``build`` describe the default weights' folder layout
+    (``layout``); ``also_reads`` lists other layouts accepted for ``pretrained=`` (see
+    :attr:`layouts`). ``matches``: the published table or benchmark whose numbers this scorer
+    reproduces. ``sign_preprocessing``: the signature also names the layout read and the
+    resize / crop (the scorers whose numbers depend on which layout a folder is in).
+    """
 
     name: str
     weights: str
@@ -58,7 +83,28 @@ class ScorerInfo:
     backbone: str
     readout: str
     library: str
-    build: Callable[[Path, torch.dtype, torch.device], Built]
+    build: Builder
+    layout: str = "transformers"
+    matches: str = ""
+    also_reads: tuple[Layout, ...] = ()
+    sign_preprocessing: bool = False
+    higher_is_better: bool = Scorer.higher_is_better
+    score_range: tuple[float, float] = Scorer.score_range
+
+    @property
+    def layouts(self) -> tuple[Layout, ...]:
+        """Every folder layout this scorer reads, the default weights' first (the order they are tried in)."""
+        return (Layout(self.layout, self.files, self.weights_file, self.build), *self.also_reads)
+
+    @property
+    def embed_dim(self) -> int:
+        """Embedding width with the default weights (``weights/registry.json``)."""
+        return int(registry()[self.weights]["embed_dim"])
+
+    @property
+    def input_size(self) -> int:
+        """Model input side in pixels with the default weights (``weights/registry.json``)."""
+        return int(registry()[self.weights]["image_size"])
 
 
 def _fused_attention(model: torch.nn.Module) -> torch.nn.Module:
@@ -88,6 +134,21 @@ def _build_open_clip(folder: Path, dtype: torch.dtype, device: torch.device) -> 
     return visual, config, visual.output_dim
 
 
+def _build_clip(folder: Path, dtype: torch.dtype, device: torch.device) -> Built:
+    visual = load_clip_visual(folder, dtype=dtype, device=device)
+    config = PreprocessConfig.from_file(folder / "preprocessor_config.json")
+    if (config.height, config.width) != tuple(visual.image_size):
+        raise ValueError(f"{folder}: preprocessor_config.json crops to {config.height}x{config.width}, but the CLIP "
+                         f"vision tower takes {visual.image_size[0]}x{visual.image_size[1]}")
+    return visual, config, visual.output_dim
+
+
+def _build_dinov2(folder: Path, dtype: torch.dtype, device: torch.device) -> Built:
+    config = PreprocessConfig.from_file(folder / "preprocessor_config.json")
+    model = _fused_attention(load_dinov2(folder, (config.height, config.width), dtype=dtype, device=device))
+    return model, config, model.num_features
+
+
 def _build_timm(folder: Path, dtype: torch.dtype, device: torch.device) -> Built:
     import timm
     from timm.data import resolve_data_config
@@ -97,20 +158,37 @@ def _build_timm(folder: Path, dtype: torch.dtype, device: torch.device) -> Built
     return model, config_from_timm(resolve_data_config({}, model=model)), model.num_features
 
 
+_OPEN_CLIP = Layout("open_clip", ("open_clip_config.json", "open_clip_model.safetensors"),
+                    "open_clip_model.safetensors", _build_open_clip)
+
 SCORERS: dict[str, ScorerInfo] = {
     info.name: info
     for info in (
         ScorerInfo("nearid", "nearid", CHECKPOINT_FILES, "model.safetensors",
-                   "SigLIP2 so400m/14 (frozen)", "NearID MAP head (retrained)", "timm", _build_siglip("map")),
+                   "SigLIP2 so400m/14 (frozen)", "NearID MAP head (retrained)", "timm", _build_siglip("map"),
+                   matches="NearID paper, NearID rows: NearID and MTG benchmarks, DreamBench++ human alignment"),
         ScorerInfo("siglip2-map", "siglip2-so400m", CHECKPOINT_FILES, "model.safetensors",
-                   "SigLIP2 so400m/14", "its own MAP head (pooler output)", "timm", _build_siglip("map")),
+                   "SigLIP2 so400m/14", "its own MAP head (pooler output)", "timm", _build_siglip("map"),
+                   matches="NearID paper Table 1 and MTG 'SigLIP2' rows; its DreamBench++ 'SigLIP2 own MAP head'"),
         ScorerInfo("siglip2-mean", "siglip2-so400m", CHECKPOINT_FILES, "model.safetensors",
-                   "SigLIP2 so400m/14", "mean of final post-LayerNorm patch tokens", "timm", _build_siglip("mean")),
-        ScorerInfo("clip-i", "clip-vit-b-32-openai", ("open_clip_config.json", "open_clip_model.safetensors"),
-                   "open_clip_model.safetensors", "CLIP ViT (default ViT-B/32, OpenAI)", "projected image embedding",
-                   "open_clip", _build_open_clip),
-        ScorerInfo("dinov2", "dinov2-vitl14", ("config.json", "model.safetensors"), "model.safetensors",
-                   "DINOv2 ViT-L/14", "class token after the final LayerNorm", "timm", _build_timm),
+                   "SigLIP2 so400m/14", "mean of final post-LayerNorm patch tokens", "timm", _build_siglip("mean"),
+                   matches="NearID paper DreamBench++ human-alignment 'SigLIP2' row"),
+        ScorerInfo("clip-i", "clip-vit-b-32-openai", CHECKPOINT_FILES, "model.safetensors",
+                   "CLIP ViT-B/32 (OpenAI)", "projected image embedding", "open_clip", _build_clip,
+                   matches="DreamBench++ CLIP-I (openai/clip-vit-base-patch32 with CLIPProcessor)",
+                   also_reads=(_OPEN_CLIP,), sign_preprocessing=True),
+        ScorerInfo("clip-l14", "clip-vit-l-14-openai", CHECKPOINT_FILES, "model.safetensors",
+                   "CLIP ViT-L/14 (OpenAI)", "projected image embedding", "open_clip", _build_clip,
+                   matches="NearID paper Table 1 'CLIP' row (openai/clip-vit-large-patch14)",
+                   also_reads=(_OPEN_CLIP,), sign_preprocessing=True),
+        ScorerInfo("dinov2", "dinov2-large", CHECKPOINT_FILES, "model.safetensors",
+                   "DINOv2 ViT-L/14", "class token after the final LayerNorm", "timm", _build_dinov2,
+                   matches="NearID paper Table 1 'DINOv2' row (facebook/dinov2-large, 224-px crop)",
+                   sign_preprocessing=True),
+        ScorerInfo("dinov2-518", "dinov2-vitl14", ("config.json", "model.safetensors"), "model.safetensors",
+                   "DINOv2 ViT-L/14", "class token after the final LayerNorm", "timm", _build_timm, layout="timm",
+                   matches="none: timm's native 518-px DINOv2 (not the paper's 224-px 'DINOv2')",
+                   sign_preprocessing=True),
     )
 }
 
@@ -149,15 +227,47 @@ def create_scorer(
     """
     info = scorer_info(name)
     check_precision(precision)
-    checkpoint = resolve_checkpoint(pretrained if pretrained is not None else info.weights, revision, info.files)
+    checkpoint, layout = resolve_layout(name, pretrained, revision)
     device = pick_device(device)
-    encoder, preprocess_config, embed_dim = info.build(checkpoint.folder, PRECISIONS[precision], device)
+    encoder, preprocess_config, embed_dim = layout.build(checkpoint.folder, PRECISIONS[precision], device)
     if compile:
         encoder = torch.compile(encoder)
     logger.info("loaded %s weights %s from %s on %s", name, checkpoint.source, checkpoint.folder, device)
     cls = NearIDScore if name == "nearid" else Scorer
+    detail = f"{layout.name}:{preprocess_config.describe()}" if info.sign_preprocessing else None
     return cls(encoder, preprocess_config, name=name, embed_dim=embed_dim, device=device, precision=precision,
-               signature=signature(name, checkpoint, precision, info.weights_file))
+               signature=signature(name, checkpoint, precision, layout.weights_file, detail))
+
+
+def resolve_layout(name: str, pretrained: str | os.PathLike | None = None,
+                   revision: str | None = None) -> tuple[Checkpoint, Layout]:
+    """Scorer ``name``'s checkpoint (``pretrained`` as in :func:`create_scorer`) and the layout it is in.
+
+    The first of :attr:`ScorerInfo.layouts` whose files the folder (or Hub repo) holds; else
+    FileNotFoundError naming what each lacks. With several layouts, a layout's small files are
+    fetched before its weights, so a Hub repo in another layout (e.g. timm's CLIP repos, which
+    also hold a timm ``model.safetensors``) costs no download of weights that are not read.
+    """
+    info = scorer_info(name)
+    source = pretrained if pretrained is not None else info.weights
+    probe = len(info.layouts) > 1 and not Path(source).expanduser().is_dir()
+    failures: list[FileNotFoundError] = []
+    for layout in info.layouts:
+        try:
+            if probe:
+                resolve_checkpoint(source, revision, tuple(f for f in layout.files if f != layout.weights_file))
+            checkpoint = resolve_checkpoint(source, revision, layout.files)
+        except FileNotFoundError as e:
+            failures.append(e)
+            continue
+        if all((checkpoint.folder / file).is_file() for file in layout.files):  # a registry entry names its own files
+            return checkpoint, layout
+        failures.append(FileNotFoundError(f"{checkpoint.folder} is not in the {layout.name} layout"))
+    if len(failures) == 1:
+        raise failures[0]
+    names = ", ".join(layout.name for layout in info.layouts)
+    raise FileNotFoundError(f"no {info.name} checkpoint in the layouts it reads ({names}): "
+                            + "; ".join(dict.fromkeys(map(str, failures))))
 
 
 class NearIDScore(Scorer):

@@ -18,7 +18,7 @@ from nearid_metric.cli.common import (
     run_command,
 )
 from nearid_metric.hub import ChecksumError, Download, download_checkpoint, registry
-from nearid_metric.scorers import list_scorers, scorer_info
+from nearid_metric.scorers import list_scorers, resolve_layout, scorer_info
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,10 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     def command() -> int:
         code = EXIT_OK
         for column, name, weights in models:
-            info = scorer_info(name)
-            source = weights or info.weights
+            source = weights or scorer_info(name).weights
             try:
-                fetched = download_checkpoint(source, revision=args.revision, files=info.files, to=args.to)
+                _, layout = resolve_layout(name, source, args.revision)  # the files of the layout the source is in
+                fetched = download_checkpoint(source, revision=args.revision, files=layout.files, to=args.to)
             except ChecksumError as e:
                 logger.error("%s: %s", column, e)
                 code = EXIT_NOTHING_SCORED
