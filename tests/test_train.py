@@ -307,9 +307,38 @@ def test_export_round_trips_the_release(tmp_path, checkpoint_dir, key_layout):
 
     config = read_json(folder / "config.json")
     assert config["model_type"] == "nearid" and config["normalize_embeddings"] is True
-    assert config["embed_dim"] == TINY_VISION["hidden_size"] and "auto_map" not in config
+    assert config["embed_dim"] == TINY_VISION["hidden_size"]
+    # the release's fields, so the official quick-start resolves the release repo's code for an exported head
+    assert config["architectures"] == ["NearIDModel"] and config["torch_dtype"] == "float16"
+    assert config["auto_map"] == {"AutoConfig": "Aleksandar/nearid-siglip2--configuration_nearid.NearIDConfig",
+                                  "AutoModel": "Aleksandar/nearid-siglip2--modeling_nearid.NearIDModel"}
     assert VisionConfig.from_dict(config["vision_config"]) == VisionConfig.from_dict(TINY_VISION)
     assert read_json(folder / "preprocessor_config.json") == read_json(checkpoint_dir / "preprocessor_config.json")
+
+
+def test_exported_auto_map_resolves_in_the_official_loader(tmp_path, checkpoint_dir, monkeypatch):
+    """``AutoModel.from_pretrained(folder, trust_remote_code=True)`` asks for the release repo's NearIDConfig:
+    transformers' own resolution of the exported ``auto_map`` (the code fetch is intercepted; nothing runs)."""
+    import transformers
+    import transformers.models.auto.configuration_auto as configuration_auto
+
+    from nearid_metric.model import load_checkpoint_trunk
+
+    folder = export_from(load_checkpoint_trunk(checkpoint_dir, dtype=torch.float32, device="cpu"), checkpoint_dir,
+                         tmp_path / "exported")
+    asked = []
+
+    class Intercepted(Exception):
+        pass
+
+    def fetch(class_reference, path, *args, **kwargs):
+        asked.append((class_reference, str(path)))
+        raise Intercepted
+
+    monkeypatch.setattr(configuration_auto, "get_class_from_dynamic_module", fetch)
+    with pytest.raises(Intercepted):
+        transformers.AutoModel.from_pretrained(folder, trust_remote_code=True)
+    assert asked == [("Aleksandar/nearid-siglip2--configuration_nearid.NearIDConfig", str(folder))]
 
 
 def test_export_loads_in_transformers(tmp_path, checkpoint_dir):

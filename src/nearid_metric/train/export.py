@@ -14,6 +14,13 @@ from timm.models.vision_transformer import VisionTransformer
 
 from nearid_metric.model import VisionConfig, build_trunk, to_siglip_state_dict
 
+RELEASE_REPO = "Aleksandar/nearid-siglip2"
+RELEASE_AUTO_MAP = {
+    "AutoConfig": f"{RELEASE_REPO}--configuration_nearid.NearIDConfig",
+    "AutoModel": f"{RELEASE_REPO}--modeling_nearid.NearIDModel",
+}
+"""``config.json``'s ``auto_map`` of an exported head: the release repo's configuration and modelling code."""
+
 
 def export_checkpoint(
     trunk: VisionTransformer,
@@ -32,11 +39,13 @@ def export_checkpoint(
       ``backbone.vision_model.`` (``key_layout="transformers4"``, the release) or ``backbone.``
       (``"transformers5"``) + transformers' ``SiglipVisionModel`` names
       (:func:`~nearid_metric.model.to_siglip_state_dict`).
-    - ``config.json``: ``model_type: "nearid"``, ``vision_config`` (transformers'
-      ``SiglipVisionConfig`` names, from ``vision_config``), ``embed_dim``,
-      ``normalize_embeddings: true``. No ``auto_map``: this package never runs remote code,
-      and the reference's modeling files are not in the folder, so an ``auto_map`` would point
-      at nothing; transformers users load the weights into ``SiglipVisionModel``.
+    - ``config.json``: ``model_type: "nearid"``, ``architectures: ["NearIDModel"]``, an
+      ``auto_map`` naming the release repo's code (:data:`RELEASE_AUTO_MAP`, the transformers
+      form for code in another repo), ``torch_dtype``, ``vision_config`` (transformers'
+      ``SiglipVisionConfig`` names, from ``vision_config``), ``embed_dim`` and
+      ``normalize_embeddings: true``, as the release's file, so that the official quick-start
+      ``AutoModel.from_pretrained(folder, trust_remote_code=True)`` resolves an exported head
+      (this package never reads ``auto_map`` and never runs code from it).
     - ``preprocessor_config.json``: ``preprocessor_config`` as given (pass the base
       checkpoint's file, so the preprocessing travels with the weights).
 
@@ -60,6 +69,9 @@ def export_checkpoint(
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     config = {
         "model_type": "nearid",
+        "architectures": ["NearIDModel"],
+        "auto_map": dict(RELEASE_AUTO_MAP),
+        "torch_dtype": str(dtype).removeprefix("torch."),
         "vision_config": {"model_type": "siglip_vision_model", "vision_use_head": True, **asdict(vision_config)},
         "embed_dim": vision_config.hidden_size,
         "normalize_embeddings": True,
