@@ -13,7 +13,7 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-from nearid_metric.cli import download
+from nearid_metric.cli import compare, download
 from nearid_metric.cli.common import (
     EXIT_NOTHING_SCORED,
     EXIT_OK,
@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--distributed", action="store_true",
                         help="share the work between the processes of a torchrun launch (implied when torchrun "
                              "starts more than one); rank 0 writes the results")
-    parser.epilog = "nearid-score download [--model NAME] [--revision R] [--to DIR]: fetch and check weights first."
+    parser.epilog = ("nearid-score download [--model NAME] [--revision R] [--to DIR]: fetch and check weights first. "
+                     "nearid-score compare RUN_A RUN_B [--groups ...]: compare two runs pair by pair.")
     return parser
 
 
@@ -114,10 +115,13 @@ def report_problems(pairing: Pairing, failures: dict[str, str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``nearid-score``: 0 when pairs were scored, 1 when nothing was (or ``--strict`` and something failed or was
-    unmatched), 2 for usage errors. ``nearid-score download ...`` runs :func:`nearid_metric.cli.download.main`."""
+    unmatched), 2 for usage errors. ``nearid-score download ...`` runs :func:`nearid_metric.cli.download.main`,
+    ``nearid-score compare ...`` :func:`nearid_metric.cli.compare.main`."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     if argv[:1] == ["download"]:  # a reference folder literally named download: write ./download
         return download.main(argv[1:])
+    if argv[:1] == ["compare"]:  # likewise ./compare
+        return compare.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     args.distributed = args.distributed or launched_by_torchrun()
