@@ -62,6 +62,8 @@ def read_run(path: str | os.PathLike) -> Run:
     a model column without a signature, or two rows with one (reference, generation) key.
     """
     path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: no such run folder (a nearid-score --out folder with scores.csv and summary.json)")
     folder = path if path.is_dir() else path.parent
     scores_file, summary_file = folder / "scores.csv", folder / "summary.json"
     for file in (scores_file, summary_file):
