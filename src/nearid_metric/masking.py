@@ -9,14 +9,16 @@ at > 0, and every pixel where it is 0 is set to the fill colour (black by defaul
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from nearid_metric.data import MTGSample, NearIDSample
-from nearid_metric.images import ImageLoadError, ImageSource, load_image
+from nearid_metric.images import IMAGE_EXTENSIONS, ImageLoadError, ImageSource, load_image
 
 MASK_FILLS: dict[str, tuple[int, int, int]] = {"black": (0, 0, 0), "white": (255, 255, 255), "gray": (128, 128, 128)}
 """Fill colours of the background, by name."""
@@ -135,3 +137,46 @@ def foreground_samples(samples: Sequence[NearIDSample | MTGSample], fill: str = 
                                image_2=masked(s.image_2, s.object_mask_2, False),
                                image_2p=masked(s.image_2p, s.object_mask_2, False)))
     return out, dropped
+
+
+def find_mask(image: str | os.PathLike, root: str | os.PathLike, masks: str | os.PathLike) -> Path:
+    """The mask of ``image`` (a file under ``root``, or ``root`` itself): the file under ``masks`` with the same
+    relative path, any image extension. ``FileNotFoundError`` naming both when there is none, ``ValueError`` when
+    two files fit."""
+    image, root, masks = Path(image), Path(root), Path(masks)
+    relative = Path(image.name) if image == root or not image.is_relative_to(root) else image.relative_to(root)
+    folder = masks / relative.parent
+    stem = relative.with_suffix("").name
+    found = sorted(p for p in (folder.iterdir() if folder.is_dir() else ())
+                   if p.stem == stem and p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not found:
+        raise FileNotFoundError(f"no mask for {image}: expected {folder / stem}.<png|jpg|...> under {masks}")
+    if len(found) > 1:
+        raise ValueError(f"two masks for {image}: {found[0].name} and {found[1].name} in {folder}; keep one")
+    return found[0]
+
+
+def masked_pairs(pairs: Sequence[tuple[Path, Path]], *, ref_root: str | os.PathLike, gen_root: str | os.PathLike,
+                 ref_masks: str | os.PathLike | None = None, gen_masks: str | os.PathLike | None = None,
+                 fill: str = "black") -> tuple[list[tuple[ImageSource, ImageSource]], dict[int, str]]:
+    """The pairs with their reference and / or generation scored foreground-only (:class:`MaskedImage`), each
+    masked by its mask in ``ref_masks`` / ``gen_masks`` (:func:`find_mask`; uncleaned, > 0 = subject).
+
+    Returns the pairs (the sides without a mask folder unchanged) and ``{pair index: reason}`` for the pairs
+    whose mask is missing or ambiguous: those are never scored unmasked.
+    """
+    out: list[tuple[ImageSource, ImageSource]] = []
+    problems: dict[int, str] = {}
+    for n, (ref, gen) in enumerate(pairs):
+        sides = []
+        for image, root, masks in ((ref, ref_root, ref_masks), (gen, gen_root, gen_masks)):
+            if masks is None:
+                sides.append(image)
+                continue
+            try:
+                sides.append(MaskedImage(image, find_mask(image, root, masks), fill=fill))
+            except (OSError, ValueError) as e:
+                problems[n] = str(e)
+                break
+        out.append((sides[0], sides[1]) if len(sides) == 2 else (ref, gen))
+    return out, problems
