@@ -177,10 +177,10 @@ class Reference:
 
 
 class Package:
-    def __init__(self, folder: Path, precision: str, device: torch.device, num_workers: int):
+    def __init__(self, folder: Path, precision: str, device: torch.device, num_workers: int, compile: bool = False):
         from nearid_metric import NearIDScore
 
-        self.scorer = NearIDScore.from_pretrained(folder, device=device, precision=precision)
+        self.scorer = NearIDScore.from_pretrained(folder, device=device, precision=precision, compile=compile)
         self.num_workers = num_workers
 
     def embed(self, images: list, batch_size: int) -> torch.Tensor:
@@ -330,7 +330,7 @@ def run(args) -> dict:
             dtype = DTYPES[precision]
             t0 = time.perf_counter()
             ref = Reference(folder, dtype, device)
-            pkg = Package(folder, precision, device, args.num_workers)
+            pkg = Package(folder, precision, device, args.num_workers, args.compile)
             log(f"[{precision}] loaded both pipelines in {time.perf_counter() - t0:.1f}s")
             pipelines = {"ref": ref, "pkg": pkg}
             for name, pipe in pipelines.items():  # warm-up: same shapes as the timed runs
@@ -497,6 +497,7 @@ def parse_args(argv=None):
     p.add_argument("--no-breakdown", dest="breakdown", action="store_false",
                    help="skip timing each pipeline's CPU preprocessing alone")
     p.add_argument("--model", choices=sorted(MODELS), default="so400m", help="tiny: a smoke test of this script")
+    p.add_argument("--compile", action="store_true", help="the package's encoder through torch.compile")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="parent of the temporary checkpoint/image folder")
     p.add_argument("--out", default=None, help="also write the markdown report here")
