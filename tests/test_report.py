@@ -114,8 +114,8 @@ def test_report_counts_match_the_csv_and_summary(run):
     for model, info in summary["models"].items():
         assert info["signature"] in text
         low, high = info["ci95"]
-        assert f"[{low:.4f}, {high:.4f}]" in text  # the interval in the summary table and the citation line
-        assert f"{model} = {info['mean']:.4f}, 95% CI [{low:.4f}, {high:.4f}]" in text
+        assert f"[{low:.6f}, {high:.6f}]" in text  # the interval in the summary table and the citation line
+        assert f"{model} = {info['mean']:.6f}, 95% CI [{low:.6f}, {high:.6f}]" in text
 
 
 def test_report_lists_failed_and_unmatched_files(run):

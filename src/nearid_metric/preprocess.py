@@ -15,7 +15,6 @@ float32 values bit for bit.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,8 +24,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from nearid_metric.hub import read_json
+
 RESIZE_MODES = ("squash", "shortest")
 RGB_MODES = ("white", "convert")
+MAX_SIDE = 8192  # largest model input side accepted from a preprocessor config
+_RESAMPLE_CODES = tuple(int(f) for f in Image.Resampling)  # 0 nearest .. 5 hamming
 _PIL_FILTERS = {"bilinear": int(Image.Resampling.BILINEAR), "bicubic": int(Image.Resampling.BICUBIC)}
 
 
@@ -69,23 +72,38 @@ class PreprocessConfig:
         if config.get("do_center_crop"):
             raise ValueError("preprocessor config asks for a centre crop; SigLIP processors resize without cropping")
         size = config.get("size", {})
-        if not {"height", "width"} <= set(size):
-            raise ValueError(f"preprocessor config size must give height and width, got {size!r}")
+        if not isinstance(size, dict) or not {"height", "width"} <= set(size):
+            raise ValueError(f"size must give height and width, got {size!r}")
+        resample = config.get("resample", int(Image.Resampling.BILINEAR))
+        if isinstance(resample, bool) or resample not in _RESAMPLE_CODES:
+            raise ValueError(f"resample must be a PIL filter code ({_RESAMPLE_CODES}), got {resample!r}")
+        factor = config.get("rescale_factor", 1 / 255)
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 0:
+            raise ValueError(f"rescale_factor must be a positive number, got {factor!r}")
+        std = _per_channel(config.get("image_std", 0.5), "image_std")
+        if any(v == 0 for v in std):
+            raise ValueError(f"image_std must not be 0, got {list(std)}")
         return cls(
-            height=int(size["height"]),
-            width=int(size["width"]),
-            resample=int(config.get("resample", Image.Resampling.BILINEAR)),
+            height=_pixels(size["height"], "size.height"),
+            width=_pixels(size["width"], "size.width"),
+            resample=int(resample),
             do_rescale=bool(config.get("do_rescale", True)),
-            rescale_factor=float(config.get("rescale_factor", 1 / 255)),
+            rescale_factor=float(factor),
             do_normalize=bool(config.get("do_normalize", True)),
-            image_mean=_per_channel(config.get("image_mean", 0.5)),
-            image_std=_per_channel(config.get("image_std", 0.5)),
+            image_mean=_per_channel(config.get("image_mean", 0.5), "image_mean"),
+            image_std=std,
         )
 
     @classmethod
     def from_file(cls, path: str | Path) -> PreprocessConfig:
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        """:meth:`from_dict` of a ``preprocessor_config.json``; ``ValueError`` naming the file and the field."""
+        config = read_json(path)
+        if not isinstance(config, dict):
+            raise ValueError(f"{path}: a preprocessor config is a JSON object, got {type(config).__name__}")
+        try:
+            return cls.from_dict(config)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
 
 def config_from_open_clip(preprocess_cfg: Mapping, image_size: int | Sequence[int]) -> PreprocessConfig:
@@ -122,11 +140,20 @@ def config_from_timm(data_config: Mapping) -> PreprocessConfig:
     )
 
 
-def _per_channel(value: float | Sequence[float]) -> tuple[float, ...]:
-    values = (value,) * 3 if isinstance(value, (int, float)) else tuple(value)
-    if len(values) != 3:
-        raise ValueError(f"expected 3 per-channel values, got {values!r}")
+def _per_channel(value: float | Sequence[float], field: str = "value") -> tuple[float, ...]:
+    """One finite number or three, as three floats; ``ValueError`` naming ``field`` otherwise (e.g. a string)."""
+    values = (value,) * 3 if isinstance(value, (int, float)) else value
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) != 3 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        raise ValueError(f"{field} must be one number or 3 numbers, got {value!r}")
     return tuple(float(v) for v in values)
+
+
+def _pixels(value: object, field: str) -> int:
+    """An image side in pixels: an integer in 1..:data:`MAX_SIDE`; ``ValueError`` naming ``field`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIDE:
+        raise ValueError(f"{field} must be an integer from 1 to {MAX_SIDE}, got {value!r}")
+    return value
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

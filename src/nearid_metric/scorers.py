@@ -15,6 +15,7 @@ encoders come from the libraries that define them, loaded from safetensors only:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from nearid_metric.hub import CHECKPOINT_FILES, resolve_checkpoint
 from nearid_metric.model import TokenMean, load_checkpoint_trunk
@@ -149,9 +151,13 @@ def create_scorer(
     """
     info = scorer_info(name)
     check_precision(precision)
-    checkpoint = resolve_checkpoint(pretrained if pretrained is not None else info.weights, revision, info.files)
     device = pick_device(device)
-    encoder, preprocess_config, embed_dim = info.build(checkpoint.folder, PRECISIONS[precision], device)
+    checkpoint = resolve_checkpoint(pretrained if pretrained is not None else info.weights, revision, info.files)
+    try:
+        encoder, preprocess_config, embed_dim = info.build(checkpoint.folder, PRECISIONS[precision], device)
+    except (SafetensorError, json.JSONDecodeError) as e:  # raised by open_clip / timm without the file name
+        raise ValueError(f"{checkpoint.folder}: broken {name} checkpoint ({type(e).__name__}: {e}); "
+                         f"fetch it again") from None
     if compile:
         encoder = torch.compile(encoder)
     logger.info("loaded %s weights %s from %s on %s", name, checkpoint.source, checkpoint.folder, device)
