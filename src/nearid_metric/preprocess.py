@@ -159,12 +159,16 @@ def _pixels(value: object, field: str) -> int:
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any PIL mode to RGB as the reference processor does.
 
-    Non-RGB images go through RGBA and are alpha-composited onto white, so transparent
-    pixels become white. 16-bit and 32-bit greyscale values are clipped to 0..255 by PIL
-    (not rescaled), exactly as in the reference.
+    The reference converts every non-RGB image through RGBA and alpha-composites it onto
+    white, so transparent pixels become white. Only images that can hold transparency (an
+    alpha band, or a ``transparency`` entry) are composited here: for all others the result
+    of PIL's ``convert("RGB")`` is the same to the bit, without an RGBA copy of the image.
+    (Images wider than 8 bits are brought to 8 bits on decoding: :func:`nearid_metric.images.to_8bit`.)
     """
     if image.mode == "RGB":
         return image
+    if "A" not in image.getbands() and "a" not in image.getbands() and "transparency" not in image.info:
+        return image.convert("RGB")
     rgba = image.convert("RGBA")
     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     return Image.alpha_composite(white, rgba).convert("RGB")
