@@ -145,10 +145,10 @@ def build_feature_cache(model: TrainModel, images: Sequence[ImageSource], keys: 
                         num_workers=num_workers, collate_fn=collate_preprocessed,
                         pin_memory=model.device.type == "cuda")
     with tqdm(total=len(missing), unit="img", desc="features", disable=not progress) as bar:
-        for indices, pixels, failed, _ in loader:
+        for indices, pixels, failed, read in loader:
             failures.update({missing[i]: reason for i, reason in failed.items()})
-            if pixels is not None:
-                store.put([keys[missing[i]] for i in indices.tolist()], model.tokens(pixels[0]))
+            if pixels is not None:  # keyed by the bytes that were decoded, as the embedding cache
+                store.put([key or keys[missing[i]] for key, i in zip(read, indices.tolist())], model.tokens(pixels[0]))
             bar.update(len(indices) + len(failed))
     store.flush()
     return failures
