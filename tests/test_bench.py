@@ -278,7 +278,7 @@ def test_from_csv_bad_files_are_usage_errors(tmp_path, text, message, capsys):
 
 def test_two_models_in_one_pass_equal_separate_runs(tmp_path, checkpoint_dir, clip_folder, monkeypatch):
     """Each distinct image is decoded once for all models; each model's rows equal its own run."""
-    import nearid_metric.scorer as scorer_module
+    import nearid_metric.loading as loading_module
 
     source = nearid_tables(tmp_path / "data")
     models = {"nearid": checkpoint_dir, "clip-i": clip_folder}
@@ -288,8 +288,8 @@ def test_two_models_in_one_pass_equal_separate_runs(tmp_path, checkpoint_dir, cl
         separate[name] = read_csv(tmp_path / name / "similarities.csv")
 
     opened = []
-    real = scorer_module.load_image
-    monkeypatch.setattr(scorer_module, "load_image", lambda p: opened.append(str(p)) or real(p))
+    real = loading_module.read_and_decode
+    monkeypatch.setattr(loading_module, "read_and_decode", lambda p: opened.append(str(p)) or real(p))
     spec = ",".join(f"{name}={folder}" for name, folder in models.items())
     assert run_bench(*source, "--model", spec, "--out", tmp_path / "both") == 0
     assert len(opened) == len(set(opened)) == N_IMAGES

@@ -212,8 +212,8 @@ def test_store_survives_pickling_for_loader_workers(tmp_path):
 def _count_hashing(monkeypatch) -> list:
     import nearid_metric.cache as cache_module
 
-    read, real = [], cache_module.file_sha256
-    monkeypatch.setattr(cache_module, "file_sha256", lambda path: read.append(path) or real(path))
+    read, real = [], cache_module.read_image_file
+    monkeypatch.setattr(cache_module, "read_image_file", lambda path: read.append(path) or real(path))
     return read
 
 

@@ -62,8 +62,8 @@ def test_second_run_does_not_read_unchanged_files_to_hash_them(images, checkpoin
     monkeypatch.setattr(cache_module, "RACY_SECONDS", 0.0)  # remember the hashes of just-written files
     cache = tmp_path / "cache"
     first, failures = embed(counting_scorer(checkpoint_dir), images, cache)
-    hashed, real = [], cache_module.file_sha256
-    monkeypatch.setattr(cache_module, "file_sha256", lambda path: hashed.append(path) or real(path))
+    hashed, real = [], cache_module.read_image_file
+    monkeypatch.setattr(cache_module, "read_image_file", lambda path: hashed.append(path) or real(path))
     again = counting_scorer(checkpoint_dir)
     second, failures_again = embed(again, images, cache)
     assert hashed == [] and again.encoder.calls == [] and (cache / "file-hashes.sqlite").exists()

@@ -631,12 +631,12 @@ def table_rows(out: Path) -> dict[str, dict]:
 
 def test_images_end_to_end_two_models(tree, checkpoint_dir, clip_folder, scorer, tmp_path, monkeypatch, capsys):
     """Saved scores are 100 x score(), in rating order; the table is MH of those files; --scores gives it back."""
-    import nearid_metric.scorer as scorer_module
+    import nearid_metric.loading as loading_module
     from nearid_metric import create_scorer
 
     opened = []
-    real = scorer_module.load_image
-    monkeypatch.setattr(scorer_module, "load_image", lambda p: opened.append(Path(p).resolve()) or real(p))
+    real = loading_module.read_and_decode
+    monkeypatch.setattr(loading_module, "read_and_decode", lambda p: opened.append(Path(p).resolve()) or real(p))
     out = tmp_path / "out"
     assert run_dreambench("--images", tree.samples, "--ratings", tree.ratings,
                           "--model", f"nearid={checkpoint_dir},clip-i={clip_folder}", "--out", out) == 0
@@ -730,7 +730,7 @@ def test_unreadable_image_is_an_error_unless_allowed(tree, checkpoint_dir, tmp_p
 
 def test_category_and_method_subset(tree, checkpoint_dir, tmp_path, monkeypatch, capsys):
     """--category object scores only object images; a rated method without a run needs --methods."""
-    import nearid_metric.scorer as scorer_module
+    import nearid_metric.loading as loading_module
 
     ratings = write_ratings(tmp_path / "ratings", [*RUNS, "dreambooth_sd"])
     out = tmp_path / "out"
@@ -740,8 +740,8 @@ def test_category_and_method_subset(tree, checkpoint_dir, tmp_path, monkeypatch,
     assert "no run folder for the rated methods dreambooth_sd" in capsys.readouterr().err
 
     opened = []
-    real = scorer_module.load_image
-    monkeypatch.setattr(scorer_module, "load_image", lambda p: opened.append(p) or real(p))
+    real = loading_module.read_and_decode
+    monkeypatch.setattr(loading_module, "read_and_decode", lambda p: opened.append(p) or real(p))
     assert run_dreambench(*args, "--methods", ",".join(RUNS)) == 0
     # 6 keys x 3 gen, plus the 2 object concepts' src images (the copies per prompt and run are one content)
     assert len(opened) == 6 * 3 + 2 and all("object_" in str(p) for p in opened)

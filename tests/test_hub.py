@@ -109,7 +109,7 @@ def test_revision_with_local_folder_raises(checkpoint_dir):
         resolve_checkpoint(checkpoint_dir, revision="main")
 
 
-@pytest.mark.parametrize("name", ["not-a-model", "a/b/c", "/no/such/folder"])
+@pytest.mark.parametrize("name", ["not-a-model", "a/b/c"])
 def test_unknown_name_lists_registered(name):
     assert "nearid" in registry()
     with pytest.raises(ValueError, match="registered name") as excinfo:

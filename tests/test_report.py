@@ -114,8 +114,8 @@ def test_report_counts_match_the_csv_and_summary(run):
     for model, info in summary["models"].items():
         assert info["signature"] in text
         low, high = info["ci95"]
-        assert f"[{low:.4f}, {high:.4f}]" in text  # the interval in the summary table and the citation line
-        assert f"{model} = {info['mean']:.4f}, 95% CI [{low:.4f}, {high:.4f}]" in text
+        assert f"[{low:.6f}, {high:.6f}]" in text  # the interval in the summary table and the citation line
+        assert f"{model} = {info['mean']:.6f}, 95% CI [{low:.6f}, {high:.6f}]" in text
 
 
 def test_report_lists_failed_and_unmatched_files(run):
@@ -192,3 +192,15 @@ def test_report_renders_in_headless_chromium(run, tmp_path):
     # the histogram bars' blue (#8fb1e9 with its #3b6fd8 edge) is on screen: the embedded plots were decoded
     blue = (np.abs(picture - [0x8F, 0xB1, 0xE9]).sum(axis=2) < 40)
     assert blue.sum() > 500
+
+
+def test_scores_near_1_are_told_apart():
+    from nearid_metric.report import render_report
+
+    pairs = [("a.png", "b.png"), ("a.png", "c.png")]
+    scores = {"nearid": np.array([0.99991, 0.99994])}
+    summary = {"models": {"nearid": {"count": 2, "mean": 0.999925, "ci95": None, "std": 2e-5, "median": 0.999925,
+                                     "min": 0.99991, "max": 0.99994, "signature": "s"}},
+               "pairs_total": 2, "pairs_scored": 2, "ref": ".", "gen": "."}
+    text = render_report(pairs, scores, summary)
+    assert "0.999910" in text and "0.999940" in text and "0.999925" in text

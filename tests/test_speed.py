@@ -62,7 +62,7 @@ def counting_scorer(checkpoint_dir, **kwargs) -> NearIDScore:
 
 def test_repeated_reference_is_embedded_once(tmp_path, checkpoint_dir, monkeypatch):
     """A reference in many pairs, under other names (a copy, a symlink) and as an equal PIL image: one forward row."""
-    import nearid_metric.scorer as scorer_module
+    import nearid_metric.loading as loading_module
 
     ref = tmp_path / "ref.png"
     random_image(1, (50, 40)).save(ref)
@@ -76,8 +76,8 @@ def test_repeated_reference_is_embedded_once(tmp_path, checkpoint_dir, monkeypat
              (in_memory, gens[0]), (in_memory.copy(), ref)]
     scorer = counting_scorer(checkpoint_dir)
     decoded = []
-    real = scorer_module.load_image
-    monkeypatch.setattr(scorer_module, "load_image", lambda p: decoded.append(Path(p).name) or real(p))
+    real = loading_module.read_and_decode
+    monkeypatch.setattr(loading_module, "read_and_decode", lambda p: decoded.append(Path(p).name) or real(p))
     (values,), scored, failures = score_pairs([scorer], pairs, batch_size=1)
 
     assert scorer.encoder.calls == [1] * 5  # ref, 3 generations, the in-memory picture

@@ -44,9 +44,13 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from nearid_metric.hub import file_sha256
-from nearid_metric.images import EncodedImage, ImageLoadError, ImageSource
-from nearid_metric.masking import MaskedImage
+from nearid_metric.images import (
+    EncodedImage,
+    ImageLoadError,
+    ImageSource,
+    read_image_file,
+)
+from nearid_metric.masking import MaskedImage, masked_key
 
 logger = logging.getLogger(__name__)
 
@@ -64,21 +68,12 @@ _SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "in
 def content_key(image: ImageSource) -> str:
     """sha256 hex of an image file's bytes (or of :attr:`EncodedImage.data`); :class:`ImageLoadError` if unreadable.
 
-    A :class:`~nearid_metric.masking.MaskedImage` is keyed by its image's and its mask's keys and its settings.
+    Only regular files are read (:func:`nearid_metric.images.read_image_file`). A
+    :class:`~nearid_metric.masking.MaskedImage` is keyed by its image's and its mask's keys and its settings.
     """
-    if isinstance(image, EncodedImage):
-        return hashlib.sha256(image.data).hexdigest()
     if isinstance(image, MaskedImage):
-        parts = f"masked|clean={image.clean}|fill={image.fill}|{content_key(image.image)}|{content_key(image.mask)}"
-        return hashlib.sha256(parts.encode()).hexdigest()
-    try:
-        return file_sha256(image)
-    except FileNotFoundError:
-        raise ImageLoadError(image, "file not found") from None
-    except IsADirectoryError:
-        raise ImageLoadError(image, "is a directory") from None
-    except OSError as e:
-        raise ImageLoadError(image, f"cannot read ({e.strerror or e})") from None
+        return masked_key(image, content_key(image.image), content_key(image.mask))
+    return hashlib.sha256((image if isinstance(image, EncodedImage) else read_image_file(image)).data).hexdigest()
 
 
 def content_keys(images: Sequence[ImageSource], *, num_threads: int = 8,
@@ -91,22 +86,32 @@ def content_keys(images: Sequence[ImageSource], *, num_threads: int = 8,
     """
     memo_db = FileHashMemo(memo) if memo is not None else None
     states = memo_db.lookup(images) if memo_db is not None else [None] * len(images)
+    read_at = [0] * len(images)  # when each file was read (the racy-clean guard of FileHashMemo.record)
 
     def one(n: int) -> str | ImageLoadError:
         if states[n] is not None and states[n].sha256 is not None:
             return states[n].sha256  # remembered
+        read_at[n] = clock_ns()
         try:
             return content_key(images[n])
         except ImageLoadError as e:
             return e
 
-    with ThreadPoolExecutor(max(1, num_threads)) as pool:
+    pool = ThreadPoolExecutor(max(1, num_threads))
+    try:
         results = list(pool.map(one, range(len(images))))
+    finally:  # Ctrl-C: do not wait for the files still queued
+        pool.shutdown(wait=False, cancel_futures=True)
     if memo_db is not None:
-        memo_db.record([(states[n], key) for n, key in enumerate(results)
+        memo_db.record([(states[n], key, read_at[n]) for n, key in enumerate(results)
                         if states[n] is not None and states[n].sha256 is None and isinstance(key, str)])
     failures = {i: r.reason for i, r in enumerate(results) if isinstance(r, ImageLoadError)}
     return [None if isinstance(r, ImageLoadError) else r for r in results], failures
+
+
+def clock_ns() -> int:
+    """Wall-clock time in ns, the clock file timestamps are compared with (a seam for tests)."""
+    return time.time_ns()
 
 
 class FileState(NamedTuple):
@@ -165,22 +170,34 @@ class FileHashMemo:
                         for n in files[path]:
                             if out[n].stat == stat:
                                 out[n] = out[n]._replace(sha256=digest)
-        except sqlite3.Error as e:
+        except (sqlite3.Error, OSError) as e:
             logger.warning("file hash memo %s is unusable (%s); hashing every file", self.path, e)
         return out
 
-    def record(self, entries: Sequence[tuple[FileState, str]]) -> None:
-        """Remember ``(file as found by lookup, its sha256)``, unless the file changed too recently."""
-        now = time.time_ns()
-        rows = [(state.path, state.stat, digest) for state, digest in entries
-                if now - state.changed_ns > RACY_SECONDS * 1e9]
+    def record(self, entries: Sequence[tuple[FileState, str, int]]) -> None:
+        """Remember ``(file as found by lookup, its sha256, when it was read in ns)``, unless the file had changed
+        within :data:`RACY_SECONDS` of that moment (a rewrite in the same timestamp tick would go unnoticed)."""
+        rows = [(state.path, state.stat, digest) for state, digest, read_ns in entries
+                if read_ns - state.changed_ns > RACY_SECONDS * 1e9]
         if not rows:
             return
         try:
             with closing(self._connect()) as db, db:
                 db.executemany("INSERT OR REPLACE INTO hashes (path, stat, sha256) VALUES (?, ?, ?)", rows)
-        except sqlite3.Error as e:
+        except (sqlite3.Error, OSError) as e:
             logger.warning("cannot update the file hash memo %s (%s)", self.path, e)
+
+
+def _process_umask() -> int:
+    """The process's umask (read once, at import: setting it to read it is not thread-safe)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_process_umask()
+"""Mode of the files a store writes: as any new file (safetensors alone writes 0600, which locks out the other
+users of a shared cache)."""
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
@@ -188,6 +205,7 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(path.name + f".{uuid.uuid4().hex[:8]}.tmp")
     try:
         write(tmp)
+        os.chmod(tmp, FILE_MODE)
         with open(tmp, "r+b") as f:  # writable: some systems refuse fsync on a read-only descriptor
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -250,9 +268,13 @@ class ArrayStore:
             return
         try:
             found = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{path}: unreadable cache metadata ({e}); delete the folder to rebuild") from None
-        if isinstance(found, dict) and found.get("format") != FORMAT:
+            if not isinstance(found, dict):
+                raise ValueError(f"a JSON {type(found).__name__}, not an object")
+        except ValueError as e:  # damaged (e.g. a disk that filled up): the parts check themselves when read
+            logger.warning("cache metadata %s is damaged (%s); writing it again", path, e)
+            _write_atomic(path, lambda tmp: tmp.write_bytes(json.dumps(meta, indent=2).encode()))
+            return
+        if found.get("format") != FORMAT:
             raise ValueError(f"{self.folder} is a cache in format {found.get('format')!r} (another nearid-metric "
                              f"version); this version reads format {FORMAT}. Delete the folder to rebuild it")
         if found != meta:
@@ -300,6 +322,9 @@ class ArrayStore:
                 del rows
         except FileNotFoundError:
             return None  # moved aside by another process meanwhile
+        except PermissionError:  # another user's part (see docs/speed.md, shared caches): not damaged, left alone
+            logger.warning("cannot read cache part %s (permission denied); its entries will be recomputed", path)
+            return None
         except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
             problem = f"unreadable ({type(e).__name__}: {e})"
         if problem is None:
@@ -378,6 +403,11 @@ class ArrayStore:
     def close(self) -> None:
         """Flush and release the memory maps."""
         self.flush()
+        self.discard()
+
+    def discard(self) -> None:
+        """Drop the rows not flushed and release the memory maps (after a write failed, say)."""
+        self._buffer.clear()
         self._maps.clear()
 
     def __enter__(self) -> ArrayStore:

@@ -20,7 +20,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from nearid_metric.cache import HASH_MEMO, ArrayStore, content_keys
+from nearid_metric.images import ORIENTATION
 
 if TYPE_CHECKING:
     from nearid_metric.scorer import Images, Scorer
@@ -63,6 +64,8 @@ def _pixels_key(image: Image.Image | torch.Tensor) -> str | None:
             header, size, data = "RGB", (image.shape[2], image.shape[1]), image.permute(1, 2, 0).contiguous().numpy()
         else:
             header, size, data = image.mode, image.size, image.tobytes()
+            if image.getexif().get(ORIENTATION, 1) != 1:  # applied before embedding (images.orient)
+                header += f"|orientation={image.getexif()[ORIENTATION]}"
             if image.mode in ("P", "PA"):  # what RGB conversion reads besides the pixels
                 header += f"|palette={image.getpalette()}"
             if "transparency" in image.info:
@@ -85,22 +88,34 @@ class EmbeddingCache:
 
     Use as a context manager: closing flushes what was computed (also when the run is
     interrupted by an exception); while running, rows are flushed at least every
-    :data:`FLUSH_SECONDS`.
+    :data:`FLUSH_SECONDS`. The cache never costs a run its scores: a store that cannot be
+    opened (a read-only or missing disk, another user's folder) is not used, and when writing
+    fails (a full disk, no permission) one warning says so and the run goes on without storing.
     """
 
     def __init__(self, root: str | os.PathLike, scorers: Sequence[Scorer]):
-        stores: dict[str, ArrayStore] = {}
+        stores: dict[str, ArrayStore | None] = {}
         for scorer in scorers:
             signature = cache_signature(scorer)
             if signature not in stores:
-                stores[signature] = ArrayStore(root, signature=signature, shape=(scorer.embed_dim,), dtype="float32")
+                try:
+                    stores[signature] = ArrayStore(root, signature=signature, shape=(scorer.embed_dim,),
+                                                   dtype="float32")
+                except OSError as e:
+                    logger.warning("%s: the embedding cache in %s cannot be used (%s); embedding without it",
+                                   scorer.name, root, e)
+                    stores[signature] = None
         self._stores = [stores[cache_signature(s)] for s in scorers]
         self._names = [s.name for s in scorers]
+        self._dims = [s.embed_dim for s in scorers]
         self._last_flush = time.monotonic()
+        self._writable = True
 
     def lookup(self, k: int, keys: Sequence[str | None]) -> tuple[np.ndarray, torch.Tensor]:
         """Scorer ``k``'s cached rows: ``(hit mask [n] bool, embeddings [hits, D] float32)``."""
         store = self._stores[k]
+        if store is None:
+            return np.zeros(len(keys), dtype=bool), torch.zeros(0, self._dims[k])
         hit = np.array([key is not None and key in store for key in keys], dtype=bool)
         values = store.get([key for key, h in zip(keys, hit) if h])
         good = np.isfinite(values).all(axis=1) & (np.abs(np.linalg.norm(values, axis=1) - 1) <= NORM_TOLERANCE)
@@ -114,19 +129,34 @@ class EmbeddingCache:
     def put(self, k: int, keys: Sequence[str | None], values: torch.Tensor) -> None:
         """Store scorer ``k``'s embeddings [n, D] (rows without a key are skipped)."""
         rows = [i for i, key in enumerate(keys) if key is not None]
-        if rows:
-            self._stores[k].put([keys[i] for i in rows], values[rows].float().cpu())
+        if rows and self._writable and self._stores[k] is not None:
+            self._write(lambda: self._stores[k].put([keys[i] for i in rows], values[rows].float().cpu()))
         if time.monotonic() - self._last_flush > FLUSH_SECONDS:
             self.flush()
 
     def flush(self) -> None:
-        for store in dict.fromkeys(self._stores):
-            store.flush()
+        for store in self._open_stores():
+            self._write(store.flush)
         self._last_flush = time.monotonic()
+
+    def _open_stores(self) -> list[ArrayStore]:
+        return [store for store in dict.fromkeys(self._stores) if store is not None]
+
+    def _write(self, write: Callable[[], None]) -> None:
+        """Run a store write; the first failure is one warning, and later writes are not tried."""
+        if not self._writable:
+            return
+        try:
+            write()
+        except OSError as e:
+            self._writable = False
+            logger.warning("cannot write to the embedding cache (%s); the scores are not affected, but the "
+                           "embeddings of this run are not stored", e)
 
     def __enter__(self) -> EmbeddingCache:
         return self
 
     def __exit__(self, *exc) -> None:
-        for store in dict.fromkeys(self._stores):
-            store.close()
+        self.flush()
+        for store in self._open_stores():
+            store.discard()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,10 @@ _COMMIT = re.compile(r"[0-9a-f]{40}")
 
 class ChecksumError(ValueError):
     """A checkpoint file whose sha256 differs from the one recorded for it (registry or download record)."""
+
+
+class HubUnreachableError(FileNotFoundError):
+    """Weights that are neither local nor in the Hugging Face cache while the Hub cannot be reached."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,9 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = N
             raise ValueError(f"revision={revision!r} given for the local folder {path}; revisions apply to Hub repos")
         return _local_checkpoint(path, files)
     name = str(name_or_path)
+    if looks_like_path(name):  # never sent to the Hub (with the user's token) as a repo id
+        kind = "is not a folder" if path.exists() else "does not exist"
+        raise FileNotFoundError(f"no such checkpoint folder: {name} {kind}")
     entry = registry().get(name)
     files = tuple(entry["files"]) if entry else files
     repo_id = entry["repo_id"] if entry else name
@@ -85,18 +93,28 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = N
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import LocalEntryNotFoundError
 
+    logger.info("fetching %s (revision %s) from the Hugging Face Hub or its local cache", repo_id, revision or "main")
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(files)))
     except LocalEntryNotFoundError as e:
-        raise FileNotFoundError(
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        raise HubUnreachableError(
             f"{repo_id} (revision {revision or 'main'}) is not a local folder, not in the local Hugging Face "
-            f"cache, and the Hub cannot be reached (offline mode or no network). Download it once where the "
-            f"Hub is reachable (nearid-score download --model ...), or pass a local checkpoint folder. ({e})"
+            f"cache, and the Hub cannot be reached ({'HF_HUB_OFFLINE is set' if offline else 'no network'}: {e})."
         ) from None
     _check_files(folder, files)
     where = f"the registry (entry '{name}')" if entry else "the registry"
     verify_sha256(folder, recorded_sha256(repo_id, folder.name, revision), where, files)
     return Checkpoint(folder, repo_id, folder.name)
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether a weights name is a local path rather than a Hub repo id: it starts with ``.``, ``/`` or ``~``,
+    is a path object's text (``os.sep``), or has several components of which the first exists locally."""
+    if name.startswith((".", "/", "~")) or os.path.isabs(name) or (os.sep != "/" and os.sep in name):
+        return True
+    first, _, rest = name.partition("/")
+    return bool(rest) and os.path.lexists(first)
 
 
 def _local_checkpoint(folder: Path, files: tuple[str, ...]) -> Checkpoint:
@@ -216,6 +234,15 @@ def _check_files(folder: Path, files: tuple[str, ...]) -> None:
     missing = [name for name in files if not (folder / name).is_file()]
     if missing:
         raise FileNotFoundError(f"checkpoint folder {folder} lacks {', '.join(missing)}")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The content of a JSON file; ``ValueError`` naming the file when it is not valid UTF-8 JSON."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); fetch the checkpoint again") from None
 
 
 def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:

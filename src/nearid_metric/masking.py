@@ -9,6 +9,7 @@ at > 0, and every pixel where it is 0 is set to the fill colour (black by defaul
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -18,7 +19,12 @@ import numpy as np
 from PIL import Image
 
 from nearid_metric.data import MTGSample, NearIDSample
-from nearid_metric.images import IMAGE_EXTENSIONS, ImageLoadError, ImageSource, load_image
+from nearid_metric.images import (
+    IMAGE_EXTENSIONS,
+    ImageLoadError,
+    ImageSource,
+    load_image,
+)
 
 MASK_FILLS: dict[str, tuple[int, int, int]] = {"black": (0, 0, 0), "white": (255, 255, 255), "gray": (128, 128, 128)}
 """Fill colours of the background, by name."""
@@ -93,17 +99,27 @@ def apply_mask(image: Image.Image, mask: Image.Image | np.ndarray, fill: str = "
 
 
 def load_masked(source: MaskedImage) -> Image.Image:
-    """Decode ``source.image`` and ``source.mask`` (:func:`~nearid_metric.images.load_image`) and apply the mask.
+    """Decode ``source.image`` and ``source.mask`` (:func:`~nearid_metric.images.load_image`) and :func:`mask_image`."""
+    return mask_image(load_image(source.image), load_image(source.mask), source)
 
-    Raises :class:`~nearid_metric.images.ImageLoadError` naming the image or the mask that cannot be read.
-    A mask with no subject pixel (all 0, after cleaning when ``clean``) is refused the same way:
-    scoring an all-``fill`` picture would give every such image the same embedding.
+
+def mask_image(image: Image.Image, mask: Image.Image, source: MaskedImage) -> Image.Image:
+    """The decoded ``image`` with ``mask`` applied as ``source`` says (cleaned first when ``source.clean``).
+
+    A mask with no subject pixel (all 0, after cleaning when ``clean``) is refused with
+    :class:`~nearid_metric.images.ImageLoadError` naming the mask: scoring an all-``fill``
+    picture would give every such image the same embedding.
     """
-    image, mask = load_image(source.image), load_image(source.mask)
-    mask = clean_mask(mask) if source.clean else np.asarray(mask.convert("L"))
-    if not mask.any():
+    grey = clean_mask(mask) if source.clean else np.asarray(mask.convert("L"))
+    if not grey.any():
         raise ImageLoadError(source.mask, "mask has no subject pixel (all 0); the image is not scored")
-    return apply_mask(image, mask, source.fill)
+    return apply_mask(image, grey, source.fill)
+
+
+def masked_key(source: MaskedImage, image_key: str, mask_key: str) -> str:
+    """The content key of a masked image: its image's and its mask's keys and both settings, hashed."""
+    parts = f"masked|clean={source.clean}|fill={source.fill}|{image_key}|{mask_key}"
+    return hashlib.sha256(parts.encode()).hexdigest()
 
 
 def foreground_samples(samples: Sequence[NearIDSample | MTGSample], fill: str = "black"

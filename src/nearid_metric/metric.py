@@ -15,11 +15,12 @@ import os
 import torch
 import torch.distributed as dist
 
-from nearid_metric.scorer import Images, Scorer
+from nearid_metric.scorer import Images, Scorer, describe_image
 from nearid_metric.scorers import create_scorer
 from nearid_metric.stats import BOOTSTRAP_RESAMPLES, CI_LEVEL, bootstrap_ci
 
 CI_METHODS = ("bootstrap", None)
+ON_ERROR = ("raise", "skip")
 
 
 def summarize_scores(scores: torch.Tensor, *, ci: str | None = None, ci_resamples: int = BOOTSTRAP_RESAMPLES,
@@ -102,11 +103,34 @@ class NearIDMetric:
         self.process_group = process_group
         self.ci, self.ci_resamples, self.ci_seed = ci, ci_resamples, ci_seed
         self._scores: list[torch.Tensor] = []
+        self._pairs = 0  # pairs passed to update, scored or not
+        self.failures: list[dict[str, object]] = []
+        """Inputs skipped by ``update(..., on_error="skip")``: pair number (over all updates), side, input, reason."""
 
-    def update(self, refs: Images, gens: Images) -> torch.Tensor:
-        """Score aligned pairs (refs[i], gens[i]); returns their scores [N] float32 (kept for ``compute``)."""
-        scores = self.scorer.score(refs, gens, batch_size=self.batch_size, progress=False)
-        self._scores.append(scores.double())
+    def update(self, refs: Images, gens: Images, *, on_error: str = "raise") -> torch.Tensor:
+        """Score aligned pairs (refs[i], gens[i]); returns their scores [N] float32 (kept for ``compute``).
+
+        ``on_error="raise"`` (default): an image that cannot be read raises
+        :class:`~nearid_metric.images.ImageLoadError` and nothing of the batch is kept.
+        ``on_error="skip"``: the pairs with an unreadable side get NaN in the returned scores and
+        are left out of ``compute``; each bad input is recorded in :attr:`failures`.
+        """
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        if len(refs) != len(gens):
+            raise ValueError(f"update() needs aligned pairs: {len(refs)} refs vs {len(gens)} gens")
+        kwargs = dict(batch_size=self.batch_size, progress=False)
+        if on_error == "raise":
+            scores = self.scorer.score(refs, gens, **kwargs)
+        else:
+            (ref_emb, ref_failed), (gen_emb, gen_failed) = (self.scorer.embed_with_failures(refs, **kwargs),
+                                                            self.scorer.embed_with_failures(gens, **kwargs))
+            scores = (ref_emb * gen_emb).sum(-1)  # NaN where a side failed
+            for side, images, failed in (("ref", refs, ref_failed), ("gen", gens, gen_failed)):
+                self.failures += [{"pair": self._pairs + i, "side": side, "input": describe_image(images, i),
+                                   "reason": reason} for i, reason in sorted(failed.items())]
+        self._pairs += len(scores)
+        self._scores.append(scores[~torch.isnan(scores)].double())
         return scores
 
     @property
@@ -121,6 +145,8 @@ class NearIDMetric:
 
     def reset(self) -> None:
         self._scores = []
+        self._pairs = 0
+        self.failures = []
 
     def __repr__(self) -> str:
         return f"NearIDMetric({self.scorer.signature!r}, pairs={len(self.scores)})"

@@ -8,7 +8,6 @@ builds the same network as a timm ``VisionTransformer`` from the checkpoint's
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from timm.layers import LayerNorm
 from timm.models.vision_transformer import VisionTransformer
+
+from nearid_metric.hub import read_json
 
 # transformers' activation names -> timm's.
 _ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu"}
@@ -195,16 +196,26 @@ def load_checkpoint_trunk(folder: Path, *, dtype: torch.dtype, device: torch.dev
     image-text checkpoint (e.g. the SigLIP2 base model) without reading them; any other
     tensor outside the vision tower is still an error.
     """
-    with open(folder / "config.json", encoding="utf-8") as f:
-        config = json.load(f)
-    if "vision_config" not in config:
+    config = read_json(folder / "config.json")
+    if not isinstance(config, dict) or "vision_config" not in config:
         raise ValueError(f"{folder / 'config.json'} has no vision_config: not a NearID/SigLIP checkpoint")
     if config.get("normalize_embeddings") is False:
         raise ValueError(f"{folder / 'config.json'} sets normalize_embeddings=false; NearID scores normalised cosines")
-    with safe_open(folder / "model.safetensors", framework="pt") as f:
-        names = [k for k in f.keys() if not (drop_text_tower and k.startswith(_TEXT_TOWER))]
-        state_dict = {k: f.get_tensor(k) for k in names}
-    return load_trunk(VisionConfig.from_dict(config["vision_config"]), state_dict, dtype=dtype, device=device)
+    weights = folder / "model.safetensors"
+    try:
+        with safe_open(weights, framework="pt") as f:
+            names = [k for k in f.keys() if not (drop_text_tower and k.startswith(_TEXT_TOWER))]
+            state_dict = {k: f.get_tensor(k) for k in names}
+    except SafetensorError as e:
+        raise ValueError(f"{weights} is not a readable safetensors file ({e}); fetch the checkpoint again") from None
+    try:
+        vision = VisionConfig.from_dict(config["vision_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{folder / 'config.json'}: unusable vision_config ({type(e).__name__}: {e})") from None
+    try:
+        return load_trunk(vision, state_dict, dtype=dtype, device=device)
+    except (KeyError, RuntimeError) as e:  # missing, extra or misshapen tensors
+        raise ValueError(f"{weights} does not match {folder / 'config.json'} ({type(e).__name__}: {e})") from None
 
 
 

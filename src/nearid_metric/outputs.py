@@ -28,6 +28,11 @@ def atomic_write(path: str | os.PathLike, *, newline: str | None = None) -> Iter
         raise
 
 
+def plural(count: int, noun: str, plural_form: str | None = None) -> str:
+    """``1 pair``, ``2 pairs`` (``plural_form`` where adding s is wrong)."""
+    return f"{count} {noun if count == 1 else plural_form or noun + 's'}"
+
+
 def json_ready(value: Any) -> Any:
     """``value`` with every float NaN replaced by None (JSON ``null``), in nested dicts, lists and tuples."""
     if isinstance(value, float) and math.isnan(value):
@@ -39,9 +44,14 @@ def json_ready(value: Any) -> Any:
     return value
 
 
+def json_text(content: Any, *, indent: int = 2) -> str:
+    """``content`` as indented JSON (NaN as null) with a final newline."""
+    return json.dumps(json_ready(content), indent=indent, allow_nan=False) + "\n"
+
+
 def write_json(path: str | os.PathLike, content: Any, *, indent: int = 2) -> None:
-    """Write ``content`` as indented JSON (NaN as null) and a final newline, atomically."""
-    text = json.dumps(json_ready(content), indent=indent, allow_nan=False) + "\n"
+    """Write :func:`json_text` of ``content``, atomically."""
+    text = json_text(content, indent=indent)
     with atomic_write(path) as f:
         f.write(text)
 
@@ -58,17 +68,25 @@ def csv_cell(value: Any) -> str:
 def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     """Write a header and rows of cells (already text, or :func:`csv_cell` applied to each), atomically."""
     with atomic_write(path, newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows([cell if isinstance(cell, str) else csv_cell(cell) for cell in row] for row in rows)
+        write_csv_rows(f, header, rows)
+
+
+def write_csv_rows(f: IO[str], header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """A header and rows of cells into an open text file (see :func:`write_csv`)."""
+    writer = csv.writer(f)
+    writer.writerow(header)
+    writer.writerows([cell if isinstance(cell, str) else csv_cell(cell) for cell in row] for row in rows)
 
 
 def write_scores(out: str | os.PathLike, pairs: Sequence[tuple[str, str]], scores: Mapping[str, Sequence[float]],
                  summary: Mapping[str, Any]) -> None:
     """``nearid-score``'s files in ``out`` (created): ``scores.csv`` (ref, gen, one column per model, 8
-    decimals) and ``summary.json``."""
+    decimals) and ``summary.json``. Both are written in full before either replaces a file, so a
+    failed write (a full disk) leaves neither new file, never one without the other or a truncated one."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(out / "scores.csv", ["ref", "gen", *scores],
-              ([ref, gen, *(f"{values[i]:.8f}" for values in scores.values())] for i, (ref, gen) in enumerate(pairs)))
-    write_json(out / "summary.json", summary)
+    text = json_text(summary)
+    with atomic_write(out / "summary.json") as summary_file, atomic_write(out / "scores.csv", newline="") as f:
+        write_csv_rows(f, ["ref", "gen", *scores], ([ref, gen, *(f"{values[i]:.8f}" for values in scores.values())]
+                                                    for i, (ref, gen) in enumerate(pairs)))
+        summary_file.write(text)

@@ -18,7 +18,6 @@ float32 values bit for bit.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,12 +27,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from nearid_metric.hub import read_json
+
 RESIZE_MODES = ("squash", "shortest")
 RGB_MODES = ("white", "convert")
 CROP_OFFSETS = ("round", "floor")
 # transformers processors that read an int ``size`` as the shortest edge (``default_to_square=False``);
 # the others read it as a square. Older files (e.g. openai/clip-*) name the class as a feature extractor.
 _SHORTEST_EDGE_PROCESSORS = frozenset({"CLIPImageProcessor", "CLIPFeatureExtractor", "BitImageProcessor"})
+MAX_SIDE = 8192  # largest model input side accepted from a preprocessor config
+_RESAMPLE_CODES = tuple(int(f) for f in Image.Resampling)  # 0 nearest .. 5 hamming
 _PIL_FILTERS = {"bilinear": int(Image.Resampling.BILINEAR), "bicubic": int(Image.Resampling.BICUBIC)}
 
 
@@ -91,16 +94,16 @@ class PreprocessConfig:
             raise ValueError("preprocessor config has do_resize=false; NearID batches need a fixed input size")
         size = _size_dict(config.get("size", {}), square=_processor_type(config) not in _SHORTEST_EDGE_PROCESSORS)
         if "shortest_edge" in size:
-            return cls._from_shortest_edge(config, int(size["shortest_edge"]))
+            return cls._from_shortest_edge(config, size["shortest_edge"])
         if config.get("do_center_crop"):
             raise ValueError("preprocessor config asks for a centre crop after a fixed-size resize; "
                              "only shortest-edge resizes are centre-cropped here")
         if not {"height", "width"} <= set(size):
-            raise ValueError(f"preprocessor config size must give height and width, got {size!r}")
+            raise ValueError(f"size must give height and width, got {size!r}")
         return cls(
-            height=int(size["height"]),
-            width=int(size["width"]),
-            resample=int(config.get("resample", Image.Resampling.BILINEAR)),
+            height=_pixels(size["height"], "size.height"),
+            width=_pixels(size["width"], "size.width"),
+            resample=_resample(config.get("resample", int(Image.Resampling.BILINEAR))),
             **_rescale_normalize(config, mean=0.5, std=0.5),
         )
 
@@ -115,8 +118,9 @@ class PreprocessConfig:
         crop = _size_dict(config["crop_size"], square=True)
         if not {"height", "width"} <= set(crop):
             raise ValueError(f"preprocessor config crop_size must give height and width, got {crop!r}")
-        return cls(height=int(crop["height"]), width=int(crop["width"]), resample=int(config["resample"]),
-                   resize_mode="shortest", shortest_edge=shortest_edge, crop_offset="floor",
+        return cls(height=_pixels(crop["height"], "crop_size.height"), width=_pixels(crop["width"], "crop_size.width"),
+                   resample=_resample(config["resample"]), resize_mode="shortest",
+                   shortest_edge=_pixels(shortest_edge, "size.shortest_edge"), crop_offset="floor",
                    **_rescale_normalize(config))
 
     def describe(self) -> str:
@@ -129,8 +133,14 @@ class PreprocessConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> PreprocessConfig:
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        """:meth:`from_dict` of a ``preprocessor_config.json``; ``ValueError`` naming the file and the field."""
+        config = read_json(path)
+        if not isinstance(config, dict):
+            raise ValueError(f"{path}: a preprocessor config is a JSON object, got {type(config).__name__}")
+        try:
+            return cls.from_dict(config)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
 
 def config_from_open_clip(preprocess_cfg: Mapping, image_size: int | Sequence[int]) -> PreprocessConfig:
@@ -182,33 +192,60 @@ def _size_dict(size: int | Mapping, *, square: bool) -> dict:
     return dict(size)
 
 
+def _resample(value: object) -> int:
+    """A PIL filter code from a preprocessor config; ``ValueError`` for anything else."""
+    if isinstance(value, bool) or value not in _RESAMPLE_CODES:
+        raise ValueError(f"resample must be a PIL filter code ({_RESAMPLE_CODES}), got {value!r}")
+    return int(value)
+
+
 def _rescale_normalize(config: Mapping, **defaults: float) -> dict:
-    """The rescale and normalise fields of a preprocessor config (``defaults``: mean / std when absent)."""
+    """The rescale and normalise fields of a preprocessor config (``defaults``: mean / std when absent), checked:
+    a positive finite rescale factor, one or three finite numbers for the mean and std, no std of 0."""
+    factor = config.get("rescale_factor", 1 / 255)
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 0:
+        raise ValueError(f"rescale_factor must be a positive number, got {factor!r}")
+    std = _per_channel(config.get("image_std", defaults.get("std")), "image_std")
+    if any(v == 0 for v in std):
+        raise ValueError(f"image_std must not be 0, got {list(std)}")
     return dict(
         do_rescale=bool(config.get("do_rescale", True)),
-        rescale_factor=float(config.get("rescale_factor", 1 / 255)),
+        rescale_factor=float(factor),
         do_normalize=bool(config.get("do_normalize", True)),
-        image_mean=_per_channel(config.get("image_mean", defaults.get("mean"))),
-        image_std=_per_channel(config.get("image_std", defaults.get("std"))),
+        image_mean=_per_channel(config.get("image_mean", defaults.get("mean")), "image_mean"),
+        image_std=std,
     )
 
 
-def _per_channel(value: float | Sequence[float]) -> tuple[float, ...]:
-    values = (value,) * 3 if isinstance(value, (int, float)) else tuple(value)
-    if len(values) != 3:
-        raise ValueError(f"expected 3 per-channel values, got {values!r}")
+def _per_channel(value: float | Sequence[float], field: str = "value") -> tuple[float, ...]:
+    """One finite number or three, as three floats; ``ValueError`` naming ``field`` otherwise (e.g. a string)."""
+    values = (value,) * 3 if isinstance(value, (int, float)) else value
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) != 3 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        raise ValueError(f"{field} must be one number or 3 numbers, got {value!r}")
     return tuple(float(v) for v in values)
+
+
+def _pixels(value: object, field: str) -> int:
+    """An image side in pixels: an integer in 1..:data:`MAX_SIDE`; ``ValueError`` naming ``field`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIDE:
+        raise ValueError(f"{field} must be an integer from 1 to {MAX_SIDE}, got {value!r}")
+    return value
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any PIL mode to RGB as the reference processor does.
 
-    Non-RGB images go through RGBA and are alpha-composited onto white, so transparent
-    pixels become white. 16-bit and 32-bit greyscale values are clipped to 0..255 by PIL
-    (not rescaled), exactly as in the reference.
+    The reference converts every non-RGB image through RGBA and alpha-composites it onto
+    white, so transparent pixels become white. Only images that can hold transparency (an
+    alpha band, or a ``transparency`` entry) are composited here: for all others the result
+    of PIL's ``convert("RGB")`` is the same to the bit, without an RGBA copy of the image.
+    (Images wider than 8 bits are brought to 8 bits on decoding: :func:`nearid_metric.images.to_8bit`.)
     """
     if image.mode == "RGB":
         return image
+    if "A" not in image.getbands() and "a" not in image.getbands() and "transparency" not in image.info:
+        return image.convert("RGB")
     rgba = image.convert("RGBA")
     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     return Image.alpha_composite(white, rgba).convert("RGB")

@@ -23,6 +23,7 @@ from PIL import Image
 
 from nearid_metric._version import __version__
 from nearid_metric.images import ImageLoadError, load_image
+from nearid_metric.outputs import atomic_write, plural
 from nearid_metric.stats import pearson
 
 THUMBNAIL_PX = 128
@@ -30,6 +31,9 @@ THUMBNAIL_PX = 128
 
 EXTREMES = 8
 """Lowest- and highest-scoring pairs shown per model."""
+
+DIGITS = 6
+"""Decimals of the scores on the page: scores of near-duplicates near 1 differ in the 5th or 6th."""
 
 HISTOGRAM_SIZE = (5.6, 3.0)
 SCATTER_SIZE = (4.4, 3.6)
@@ -77,7 +81,8 @@ def write_report(path: str | os.PathLike, pairs: Sequence[tuple[str, str]], scor
     text = render_report(pairs, scores, summary, extremes=extremes)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    with atomic_write(path) as f:
+        f.write(text)
 
 
 def render_report(pairs: Sequence[tuple[str, str]], scores: Mapping[str, np.ndarray], summary: Mapping[str, Any],
@@ -140,8 +145,8 @@ def _summary_section(values: Mapping[str, np.ndarray], summary: Mapping[str, Any
     rows, cites = [], []
     for model in values:
         info = models.get(model, {})
-        cells = [_number(info.get(key), 4) for key in ("mean",)] + [_interval(info.get("ci95"), 4)]
-        cells += [_number(info.get(key), 4) for key in ("std", "median", "min", "max")]
+        cells = [_number(info.get("mean"), DIGITS), _interval(info.get("ci95"), DIGITS)]
+        cells += [_number(info.get(key), DIGITS) for key in ("std", "median", "min", "max")]
         rows.append(f'<tr data-model="{_e(model)}"><td><b>{_e(model)}</b></td>'
                     f'<td class="num" data-key="count">{int(info.get("count", len(values[model])))}</td>'
                     + "".join(f'<td class="num">{cell}</td>' for cell in cells)
@@ -165,9 +170,10 @@ def citation(model: str, info: Mapping[str, Any]) -> str:
     ci, ci95 = info.get("ci"), info.get("ci95")
     interval = ""
     if ci95:
-        interval = (f", 95% CI [{ci95[0]:.4f}, {ci95[1]:.4f}] (percentile bootstrap over {_units(ci['unit'])}, "
+        interval = (f", 95% CI {_interval(ci95, DIGITS)} (percentile bootstrap over {_units(ci['unit'])}, "
                     f"{ci['resamples']} resamples, seed {ci['seed']})")
-    return f"{model} = {mean:.4f}{interval}, n = {info.get('count')} pairs; signature {info.get('signature', '')}"
+    return (f"{model} = {mean:.{DIGITS}f}{interval}, n = {plural(info.get('count', 0), 'pair')}; "
+            f"signature {info.get('signature', '')}")
 
 
 def _distribution_section(values: Mapping[str, np.ndarray], summary: Mapping[str, Any]) -> str:
@@ -179,8 +185,8 @@ def _distribution_section(values: Mapping[str, np.ndarray], summary: Mapping[str
     for model, v in scored.items():
         info = models.get(model, {})
         ci95 = info.get("ci95")
-        caption = (f"{model}: {len(v)} pair scores; line: mean {v.mean():.4f}"
-                   + (f"; band: 95% CI [{ci95[0]:.4f}, {ci95[1]:.4f}]" if ci95 else ""))
+        caption = (f"{model}: {plural(len(v), 'pair score')}; line: mean {v.mean():.{DIGITS}f}"
+                   + (f"; band: 95% CI {_interval(ci95, DIGITS)}" if ci95 else ""))
         figures.append(_figure(_histogram(model, v, ci95), HISTOGRAM_SIZE, f"histogram of {model} scores", caption))
     parts = ["<h2>Distribution</h2>", f'<div class="plots">{"".join(figures)}</div>']
     names = list(scored)
@@ -204,7 +210,7 @@ def _extremes_section(pairs: Sequence[tuple[str, str]], values: Mapping[str, np.
     for model, v in values.items():
         order = np.argsort(v, kind="stable")
         if len(v) <= 2 * extremes:
-            tables = [(f"{model}: all {len(v)} pairs, lowest first", order)]
+            tables = [(f"{model}: all {plural(len(v), 'pair')}, lowest first", order)]
         else:
             tables = [(f"{model}: lowest {extremes}", order[:extremes]),
                       (f"{model}: highest {extremes}", order[::-1][:extremes])]
@@ -224,8 +230,8 @@ def _pair_row(rank: int, i: int, pairs: Sequence[tuple[str, str]], values: Mappi
               ref_root: str, gen_root: str, thumbs: _Thumbnails) -> str:
     ref, gen = pairs[i]
     cells = [f"<td>{rank}</td>", _image_cell(ref, ref_root, thumbs), _image_cell(gen, gen_root, thumbs),
-             f'<td class="num score">{values[model][i]:.4f}</td>']
-    cells += [f'<td class="num">{v[i]:.4f}</td>' for m, v in values.items() if m != model]
+             f'<td class="num score">{values[model][i]:.{DIGITS}f}</td>']
+    cells += [f'<td class="num">{v[i]:.{DIGITS}f}</td>' for m, v in values.items() if m != model]
     return f"<tr>{''.join(cells)}</tr>"
 
 
@@ -355,12 +361,15 @@ def describe_ci(info: Mapping[str, Any] | None) -> str:
     """How an interval was computed, from a model's ``ci`` entry in ``summary.json`` (None: turned off)."""
     if not info:
         return "no confidence interval (--ci none)"
-    return (f"95% CI: percentile bootstrap of the mean over {info['n_units']} {_units(info['unit'])}, "
+    return (f"95% CI: percentile bootstrap of the mean over {info['n_units']} {_units(info['unit'], info['n_units'])}, "
             f"{info['resamples']} resamples, seed {info['seed']}")
 
 
-def _units(unit: str) -> str:
-    return {"pair": "pairs", "ref": "reference images"}.get(unit, f"groups of the manifest column '{unit}'")
+def _units(unit: str, count: int = 2) -> str:
+    """What was resampled, in the plural (or the singular for a ``count`` of 1)."""
+    one = count == 1
+    return {"pair": "pair" if one else "pairs", "ref": "reference image" if one else "reference images"}.get(
+        unit, f"group{'' if one else 's'} of the manifest column '{unit}'")
 
 
 def _relative(path: str, root: str) -> str:

@@ -20,13 +20,10 @@ import contextlib
 import logging
 import os
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Union
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from nearid_metric import distributed as dist_utils
@@ -34,63 +31,23 @@ from nearid_metric._version import __version__
 from nearid_metric.batching import auto_batch_size, forward_in_chunks
 from nearid_metric.embedding_cache import EmbeddingCache, image_keys
 from nearid_metric.hub import Checkpoint, checkpoint_sha256
-from nearid_metric.images import EncodedImage, ImageLoadError, load_image
-from nearid_metric.masking import MaskedImage, load_masked
+from nearid_metric.images import EncodedImage, ImageLoadError
+from nearid_metric.loading import (
+    ImageInput,
+    Images,
+    PreprocessedBatch,
+    PreprocessedImages,
+    load_batches,
+)
 from nearid_metric.preprocess import (
     PreprocessConfig,
     normalization_table,
     normalize_uint8,
-    resize_to_uint8,
 )
 
 logger = logging.getLogger(__name__)
 
-ImageInput = Union[str, os.PathLike, EncodedImage, MaskedImage, Image.Image]
-Images = Union[Sequence[ImageInput], torch.Tensor]
-
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class PreprocessedImages(Dataset):
-    """Decodes each input once and prepares it for every distinct preprocessing.
-
-    Item: ``(index, tuple of uint8 [3, H, W] per config, or None, error or None)``.
-    """
-
-    def __init__(self, images: Images, configs: Sequence[PreprocessConfig]):
-        self.images = images
-        self.configs = configs
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[int, tuple[torch.Tensor, ...] | None, str | None]:
-        item = self.images[index]
-        try:
-            if isinstance(item, torch.Tensor):
-                image = Image.fromarray(item.permute(1, 2, 0).numpy())
-            elif isinstance(item, Image.Image):
-                image = item
-            elif isinstance(item, MaskedImage):
-                image = load_masked(item)
-            else:
-                image = load_image(item)
-            return index, tuple(resize_to_uint8(image, config) for config in self.configs), None
-        except ImageLoadError as e:
-            return index, None, e.reason
-        except Exception as e:  # a bad in-memory image must not lose the other results
-            return index, None, f"cannot preprocess ({type(e).__name__}: {e})"
-
-
-def collate_preprocessed(items: list[tuple[int, tuple[torch.Tensor, ...] | None, str | None]]
-                         ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, dict[int, str]]:
-    """A batch of :class:`PreprocessedImages` items: ``(indices [b], per config uint8 [b, 3, H, W] or None,
-    {index: reason} of the items that failed)``."""
-    ok = [(i, pixels) for i, pixels, _ in items if pixels is not None]
-    failed = {i: error for i, _, error in items if error is not None}
-    indices = torch.tensor([i for i, _ in ok], dtype=torch.long)
-    pixels = tuple(torch.stack(group) for group in zip(*(p for _, p in ok))) if ok else None
-    return indices, pixels, failed
 
 
 def _check_images(images: Images) -> None:
@@ -102,10 +59,20 @@ def _check_images(images: Images) -> None:
 
 
 def pick_device(device: str | torch.device | None) -> torch.device:
-    """``None`` -> CUDA when available, else CPU."""
+    """``None`` -> CUDA when available, else CPU; ``ValueError`` for a device this machine does not have."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a torch device ({e})") from None
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available here (no GPU, or a CPU-only torch "
+                             f"{torch.__version__}); use --device cpu")
+        if chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return chosen
 
 
 class Scorer:
@@ -190,7 +157,7 @@ class Scorer:
         emb, failures = self.embed_with_failures(images, batch_size=batch_size, num_workers=num_workers,
                                                  progress=progress, cache_dir=cache_dir)
         if failures:
-            names = [_describe(images, i) for i in sorted(failures)]
+            names = [describe_image(images, i) for i in sorted(failures)]
             detail = "; ".join(f"{name}: {failures[i]}" for name, i in zip(names, sorted(failures)))
             raise ImageLoadError(names[0] if len(names) == 1 else f"{len(names)} images", detail)
         return emb
@@ -284,26 +251,39 @@ def _embed_todo(scorers: Sequence[Scorer], images: Images, keys: Sequence[str | 
     failures: dict[int, str] = {}
     if not batches:
         return computed, failures
-    loader = DataLoader(PreprocessedImages(images, configs), batch_sampler=batches, num_workers=num_workers,
-                        collate_fn=collate_preprocessed, pin_memory=any(s.device.type == "cuda" for s in scorers))
     total = sum(map(len, batches))
     hide = True if rank > 0 else _disable(progress)
     with torch.inference_mode(), tqdm(total=total, unit="img", disable=hide) as bar:
-        for indices, pixels, failed in loader:
-            failures.update(failed)
-            if pixels is not None:
-                places = torch.tensor([position[i] for i in indices.tolist()], dtype=torch.long)
+
+        def embed(batch: PreprocessedBatch) -> None:
+            failures.update(batch.failed)
+            if batch.pixels is not None:
+                places = torch.tensor([position[i] for i in batch.indices.tolist()], dtype=torch.long)
                 for k, scorer in enumerate(scorers):
                     mine = need[k, places]
                     if not mine.any():
                         continue
-                    batch = pixels[slot[k]] if mine.all() else pixels[slot[k]][mine]
-                    emb = scorer.embed_pixels(batch, sizes[k]).cpu()
+                    pixels = batch.pixels[slot[k]] if mine.all() else batch.pixels[slot[k]][mine]
+                    emb = check_finite(scorer.embed_pixels(pixels, sizes[k]).cpu(), scorer.name)
                     computed[k][places[mine]] = emb
-                    if cache is not None:
-                        cache.put(k, [keys[i] for i in indices[mine].tolist()], emb)
-            bar.update(len(indices) + len(failed))
+                    if cache is not None:  # keyed by the bytes that were decoded (a file rewritten since hashing)
+                        read = [key or keys[i] for key, i in zip(batch.keys, batch.indices.tolist())]
+                        cache.put(k, [key for key, m in zip(read, mine.tolist()) if m], emb)
+            bar.update(len(batch.indices) + len(batch.failed))
+
+        crashed = load_batches(PreprocessedImages(images, configs), batches, embed, num_workers=num_workers,
+                               pin_memory=any(s.device.type == "cuda" for s in scorers))
+        bar.update(len(crashed))
+    failures.update(crashed)
     return computed, failures
+
+
+def check_finite(embeddings: torch.Tensor, name: str) -> torch.Tensor:
+    """``embeddings`` if every value is finite; else ``ValueError`` (broken weights give NaN for every image)."""
+    if not torch.isfinite(embeddings).all():
+        raise ValueError(f"{name}: the model produced non-finite embeddings (NaN or inf); its weights are "
+                         f"probably broken (NaN or inf values, or fp16 overflow): check them, or use --precision fp32")
+    return embeddings
 
 
 def score_pairs(
@@ -330,7 +310,7 @@ def score_pairs(
 
     def row(image: ImageInput) -> int:
         if isinstance(image, (str, os.PathLike)):
-            key: object = Path(image).resolve()
+            key: object = os.path.realpath(image)  # never raises, also for a symlink loop
         else:  # EncodedImage compares by value; PIL images are told apart by content in embed_images
             key = image if isinstance(image, EncodedImage) else id(image)
         if key not in rows:
@@ -370,6 +350,7 @@ def _disable(progress: bool | None) -> bool | None:
     return None if progress is None else not progress
 
 
-def _describe(images: Images, index: int) -> str:
+def describe_image(images: Images, index: int) -> str:
+    """How errors name ``images[index]``: its path or name, else ``image <index>``."""
     item = images[index] if not isinstance(images, torch.Tensor) else None
     return str(item) if isinstance(item, (str, os.PathLike, EncodedImage)) else f"image {index}"

@@ -21,6 +21,7 @@ A scorer's folder layouts are tried in order; the first whose files the folder h
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from nearid_metric.convert import load_clip_visual, load_dinov2
 from nearid_metric.hub import CHECKPOINT_FILES, Checkpoint, registry, resolve_checkpoint
@@ -229,7 +231,11 @@ def create_scorer(
     check_precision(precision)
     checkpoint, layout = resolve_layout(name, pretrained, revision)
     device = pick_device(device)
-    encoder, preprocess_config, embed_dim = layout.build(checkpoint.folder, PRECISIONS[precision], device)
+    try:
+        encoder, preprocess_config, embed_dim = layout.build(checkpoint.folder, PRECISIONS[precision], device)
+    except (SafetensorError, json.JSONDecodeError) as e:  # raised by open_clip / timm without the file name
+        raise ValueError(f"{checkpoint.folder}: broken {name} checkpoint ({type(e).__name__}: {e}); "
+                         f"fetch it again") from None
     if compile:
         encoder = torch.compile(encoder)
     logger.info("loaded %s weights %s from %s on %s", name, checkpoint.source, checkpoint.folder, device)

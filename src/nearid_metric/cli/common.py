@@ -7,6 +7,7 @@ Only the commands import this module; the library never does.
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
 import sys
@@ -15,15 +16,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from nearid_metric._version import __version__
-from nearid_metric.hub import ChecksumError
+from nearid_metric.hub import ChecksumError, HubUnreachableError, registry
 from nearid_metric.scorer import PRECISIONS, Scorer
 from nearid_metric.scorers import create_scorer, list_scorers
 from nearid_metric.stats import BOOTSTRAP_RESAMPLES
 
 logger = logging.getLogger("nearid_metric")
 
-EXIT_OK, EXIT_NOTHING_SCORED, EXIT_USAGE = 0, 1, 2
-"""Exit codes: done; nothing scored (or, with ``--strict``, something failed); a usage error."""
+EXIT_OK, EXIT_NOTHING_SCORED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+"""Exit codes: done; nothing scored (or, with ``--strict``, something failed); a usage error; Ctrl-C."""
 
 
 @contextmanager
@@ -31,14 +32,16 @@ def stderr_logging(prog: str) -> Iterator[logging.Logger]:
     """Show the package's INFO+ records on stderr as ``prog: message`` while one command runs."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"{prog}: %(message)s"))
-    level = logger.level
+    level, propagate = logger.level, logger.propagate
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    logger.propagate = False  # a root handler (open_clip adds one) would print every line twice
     try:
         yield logger
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def command_parser(prog: str, description: str, *, version: bool = True) -> argparse.ArgumentParser:
@@ -63,6 +66,20 @@ def run_command(prog: str, command: Callable[[], int], *, error_code: int = EXIT
         except (OSError, ValueError, ImportError) as e:
             logger.error("%s%s", error_prefix, e)
             return error_code
+        except KeyboardInterrupt:  # finished work (cache parts) was flushed on the way out
+            logger.error("interrupted")
+            return EXIT_INTERRUPTED
+
+
+def check_output_folder(folder: Path, flag: str, parser: argparse.ArgumentParser) -> None:
+    """``parser.error`` unless ``folder`` is, or can be created as, a folder this process may write in."""
+    if folder.exists() and not folder.is_dir():
+        parser.error(f"{flag} {folder} is an existing file, not a folder")
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        parser.error(f"{flag} {folder}: {existing} is a file, so the folder cannot be created")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        parser.error(f"{flag} {folder}: no permission to write in {existing}")
 
 
 def positive_int(text: str) -> int:
@@ -70,6 +87,14 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
     return value
 
 
@@ -101,7 +126,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int,
                         help="images per forward pass (default: sized to the device; on CUDA it starts large and "
                              "halves on out-of-memory errors)")
-    parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
+    parser.add_argument("--num-workers", type=non_negative_int, default=min(8, os.cpu_count() or 1),
                         help="image decoding processes (default: min(8, CPU count))")
     parser.add_argument("--cache", type=Path, metavar="DIR",
                         help="embedding cache folder: embeddings of images seen before (same content, same model, "
@@ -123,8 +148,8 @@ def parse_models(spec: str) -> list[tuple[str, str, str | None]]:
         name, _, weights = item.partition("=")
         if name in list_scorers():
             models.append((item, name, weights or None))
-        elif "=" in item:
-            raise ValueError(f"unknown scorer {name!r} in --model; known: {', '.join(list_scorers())}")
+        elif "=" in item or not _names_weights(item):
+            raise ValueError(unknown_scorer_message(name))
         else:
             models.append((item, "nearid", item))
     names = [name for _, name, _ in models]
@@ -132,6 +157,20 @@ def parse_models(spec: str) -> list[tuple[str, str, str | None]]:
     if len({column for column, _, _ in models}) != len(models):
         raise ValueError(f"--model lists a model twice: {spec!r}")
     return models
+
+
+def _names_weights(item: str) -> bool:
+    """Whether a bare ``--model`` item that is not a scorer name names NearID weights: an existing path, a path
+    (``.``, ``/`` or ``~`` first), a Hub repo id (``org/name``) or a registry name."""
+    return "/" in item or item.startswith((".", "~")) or Path(item).expanduser().exists() or item in registry()
+
+
+def unknown_scorer_message(name: str) -> str:
+    """``unknown scorer 'dino' in --model; did you mean 'dinov2'? Scorers: ...`` (closest match by difflib)."""
+    close = difflib.get_close_matches(name, [*list_scorers(), *registry()], n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ";"
+    return (f"unknown scorer {name!r} in --model{hint} scorers: {', '.join(list_scorers())} "
+            f"(or weights: a folder, a registry name or a Hub repo id org/name)")
 
 
 def load_scorers(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Scorer]:
@@ -149,3 +188,6 @@ def load_scorers(args: argparse.Namespace, parser: argparse.ArgumentParser) -> d
     except ChecksumError as e:  # weights that differ from the recorded hash: a message, not a traceback
         logger.error("%s", e)
         raise SystemExit(EXIT_NOTHING_SCORED) from None
+    except HubUnreachableError as e:
+        raise HubUnreachableError(f"{e} Fetch the weights once where the Hub is reachable (nearid-score download "
+                                  f"--model ...), or pass a local checkpoint folder") from None

@@ -17,7 +17,7 @@ from nearid_metric.cli.common import (
     parse_models,
     run_command,
 )
-from nearid_metric.hub import ChecksumError, Download, download_checkpoint, registry
+from nearid_metric.hub import ChecksumError, Download, HubUnreachableError, download_checkpoint, registry
 from nearid_metric.scorers import list_scorers, resolve_layout, scorer_info
 
 
@@ -61,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
                 fetched = download_checkpoint(source, revision=args.revision, files=layout.files, to=args.to)
             except ChecksumError as e:
                 logger.error("%s: %s", column, e)
+                code = EXIT_NOTHING_SCORED
+                continue
+            except HubUnreachableError as e:
+                logger.error("%s: cannot download %s: %s Connect to the network (and unset HF_HUB_OFFLINE), then "
+                             "run this again", column, source, e)
                 code = EXIT_NOTHING_SCORED
                 continue
             except (FileNotFoundError, ValueError, OSError) as e:

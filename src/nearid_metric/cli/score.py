@@ -8,10 +8,11 @@ Also runs as ``torchrun --nproc-per-node N -m nearid_metric.cli REF GEN ...`` (o
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from contextlib import nullcontext
 from pathlib import Path
+
+from PIL import Image
 
 from nearid_metric.cli import compare, download
 from nearid_metric.cli.common import (
@@ -19,9 +20,11 @@ from nearid_metric.cli.common import (
     EXIT_OK,
     add_ci_arguments,
     add_model_arguments,
+    check_output_folder,
     command_parser,
     load_scorers,
     logger,
+    positive_int,
     run_command,
 )
 from nearid_metric.distributed import (
@@ -30,8 +33,8 @@ from nearid_metric.distributed import (
     process_group,
     rank_and_world,
 )
-from nearid_metric.outputs import write_scores
-from nearid_metric.pairing import Pairing, pair_all, pair_by_name, pair_from_manifest
+from nearid_metric.outputs import plural, write_scores
+from nearid_metric.pairing import Pairing, pair_all, pair_by_name, pair_from_manifest, read_manifest
 from nearid_metric.report import describe_ci
 from nearid_metric.scorer import Scorer, score_pairs
 from nearid_metric.stats import mean_ci, summarize
@@ -50,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "manifest: pairs listed in --manifest")
     parser.add_argument("--manifest", type=Path, help="CSV with columns ref,gen (paths relative to REF and GEN)")
     add_model_arguments(parser)
+    parser.add_argument("--max-pixels", type=positive_int, metavar="N",
+                        help=f"refuse images with more pixels as possible decompression bombs (default: PIL's "
+                             f"{Image.MAX_IMAGE_PIXELS})")
     parser.add_argument("--out", type=Path, help="folder for scores.csv (per pair) and summary.json")
     parser.add_argument("--report", type=Path, metavar="FILE",
                         help="also write a self-contained HTML report (summary, histograms, lowest- and highest-"
@@ -89,28 +95,29 @@ def ci_groups(args: argparse.Namespace, parser: argparse.ArgumentParser, pairing
         return [str(ref) for ref, _ in pairing.pairs]
     if args.pairing != "manifest":
         parser.error(f"--ci-groups {args.ci_groups}: a column name needs --pairing manifest (or use none or ref)")
-    with open(args.manifest, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if args.ci_groups not in (reader.fieldnames or ()):
-            parser.error(f"--ci-groups {args.ci_groups}: {args.manifest} has no such column "
-                         f"(columns: {', '.join(reader.fieldnames or ())})")
-        labels = [(row[args.ci_groups] or "").strip() for row in reader]
+    columns, rows = read_manifest(args.manifest)
+    if args.ci_groups not in columns:
+        parser.error(f"--ci-groups {args.ci_groups}: {args.manifest} has no such column "
+                     f"(columns: {', '.join(columns)})")
+    labels = [(row[args.ci_groups] or "").strip() for row in rows]
     if "" in labels:
         parser.error(f"{args.manifest}, line {labels.index('') + 2}: empty {args.ci_groups!r} (--ci-groups)")
     return labels
 
 
 def report_problems(pairing: Pairing, failures: dict[str, str]) -> None:
-    """One line on stderr per bad file and per unpairable name."""
+    """One line on stderr per bad file, per folder not searched and per unpairable name."""
     for path, reason in failures.items():
         logger.warning("skipped %s: %s", path, reason)
+    for folder, reason in pairing.skipped_folders.items():
+        logger.warning("skipped folder %s: %s", folder, reason)
     for message in pairing.ambiguous:
         logger.warning("ambiguous: %s", message)
     for side, paths in (("reference", pairing.unmatched_refs), ("generated", pairing.unmatched_gens)):
         for path in paths:
             logger.warning("unmatched %s image: %s (no file with the same name on the other side)", side, path)
     if pairing.ignored:
-        logger.info("ignored %d files without an image extension", len(pairing.ignored))
+        logger.info("ignored %s without an image extension", plural(len(pairing.ignored), "file"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
             require_matplotlib()
         except ImportError as e:
             parser.error(str(e))
+    check_outputs(args, parser)
+    if args.max_pixels is not None:
+        Image.MAX_IMAGE_PIXELS = args.max_pixels  # PIL's decompression-bomb limit (loader workers take it along)
+
     def command() -> int:
         pairing = make_pairing(args, parser)
         args.groups = ci_groups(args, parser, pairing)
@@ -144,6 +155,19 @@ def main(argv: list[str] | None = None) -> int:
             return run(args, pairing, load_scorers(args, parser))
 
     return run_command("nearid-score", command)
+
+
+def check_outputs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Refuse ``--out`` and ``--report`` paths that cannot be written, before any work (usage errors)."""
+    if args.out is not None:
+        check_output_folder(args.out, "--out", parser)
+        for name in ("scores.csv", "summary.json"):
+            if (args.out / name).is_dir():
+                parser.error(f"--out {args.out}: {args.out / name} is a folder")
+    if args.report is not None:
+        if args.report.is_dir():
+            parser.error(f"--report {args.report} is a folder; give the HTML file to write")
+        check_output_folder(args.report.parent, "--report's folder", parser)
 
 
 def run(args: argparse.Namespace, pairing: Pairing, scorers: dict[str, Scorer]) -> int:
@@ -180,6 +204,7 @@ def run(args: argparse.Namespace, pairing: Pairing, scorers: dict[str, Scorer]) 
         "unmatched": {"ref": [str(p) for p in pairing.unmatched_refs], "gen": [str(p) for p in pairing.unmatched_gens]},
         "ambiguous": pairing.ambiguous,
         "ignored_files": [str(p) for p in pairing.ignored],
+        "skipped_folders": [{"path": str(p), "reason": r} for p, r in pairing.skipped_folders.items()],
     }
     pairs = [(str(r), str(g)) for r, g in scored]
     if args.out is not None:

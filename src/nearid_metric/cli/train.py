@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(TrainConfig):
         default = getattr(TrainConfig(), f.name)
         flag = "--" + f.name.replace("_", "-")
-        common = dict(default=argparse.SUPPRESS, help=FIELD_HELP[f.name])
+        common = dict(default=argparse.SUPPRESS, help=with_default(FIELD_HELP[f.name], default))
         if f.name == "progress":
             parser.add_argument("--no-progress", dest="progress", action="store_false", **common)
         elif isinstance(default, bool):
@@ -45,6 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             parser.add_argument(flag, **common)
     return parser
+
+
+def with_default(text: str, default: object) -> str:
+    """A flag's help with its default appended, unless the text already states it."""
+    if "default" in text:
+        return text
+    shown = {True: "on", False: "off", None: "none"}.get(default, default) if not isinstance(default, list) else (
+        " ".join(default) or "none")
+    return f"{text} (default: {shown})".replace("%", "%%")
 
 
 def config_from_args(argv: Sequence[str] | None = None) -> TrainConfig:

@@ -15,7 +15,7 @@ from nearid_metric.cache import ArrayStore
 from nearid_metric.data import MTGSample, NearIDSample
 from nearid_metric.images import ImageSource
 from nearid_metric.preprocess import PreprocessConfig
-from nearid_metric.scorer import PreprocessedImages, collate_preprocessed
+from nearid_metric.loading import PreprocessedImages, collate_preprocessed
 from nearid_metric.similarity import image_source_key
 from nearid_metric.train.config import SLOTS, TrainConfig
 
@@ -101,7 +101,7 @@ class TrainingBatches(Dataset):
         if self.store is not None:
             features = {"tokens": torch.from_numpy(self.store.get([self.keys[r] for r in unique]))}
         else:
-            _, pixels, failed = collate_preprocessed([self.decoded[int(row)] for row in unique])
+            _, pixels, failed, _ = collate_preprocessed([self.decoded[int(row)] for row in unique])
             empty = torch.empty((0, 3, self.preprocess.height, self.preprocess.width), dtype=torch.uint8)
             features = {"pixels": empty if pixels is None else pixels[0]}
         unique = unique[~np.isin(unique, list(failed))]

@@ -37,7 +37,8 @@ from nearid_metric.preprocess import (
     normalize_uint8,
 )
 from nearid_metric.protocol import score_nearid_samples
-from nearid_metric.scorer import PreprocessedImages, collate_preprocessed, pick_device
+from nearid_metric.loading import PreprocessedImages, collate_preprocessed
+from nearid_metric.scorer import pick_device
 from nearid_metric.similarity import (
     image_source_key,
     nearid_similarities,
@@ -144,10 +145,10 @@ def build_feature_cache(model: TrainModel, images: Sequence[ImageSource], keys: 
                         num_workers=num_workers, collate_fn=collate_preprocessed,
                         pin_memory=model.device.type == "cuda")
     with tqdm(total=len(missing), unit="img", desc="features", disable=not progress) as bar:
-        for indices, pixels, failed in loader:
+        for indices, pixels, failed, read in loader:
             failures.update({missing[i]: reason for i, reason in failed.items()})
-            if pixels is not None:
-                store.put([keys[missing[i]] for i in indices.tolist()], model.tokens(pixels[0]))
+            if pixels is not None:  # keyed by the bytes that were decoded, as the embedding cache
+                store.put([key or keys[missing[i]] for key, i in zip(read, indices.tolist())], model.tokens(pixels[0]))
             bar.update(len(indices) + len(failed))
     store.flush()
     return failures
@@ -176,7 +177,7 @@ def evaluate(model: TrainModel, samples: Sequence[NearIDSample], *, preprocess: 
         else:
             loader = DataLoader(PreprocessedImages(images, [preprocess]), batch_size=batch_size,
                                 num_workers=num_workers, collate_fn=collate_preprocessed)
-            for indices, pixels, failed in loader:
+            for indices, pixels, failed, _ in loader:
                 if pixels is not None:
                     embeddings[indices] = F.normalize(model.embed({"pixels": pixels[0]}), dim=-1).cpu()
                 bar.update(len(indices) + len(failed))
