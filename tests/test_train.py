@@ -23,10 +23,12 @@ from nearid_metric.train.loss import batch_loss, two_tier_infonce
 # --- the loss ---------------------------------------------------------------------------------------
 
 
-def loop_reference(anchor, positives, negatives, pos_mask, neg_mask, temperature=0.07, alpha=0.5, identities=None):
+def loop_reference(anchor, positives, negatives, pos_mask, neg_mask, temperature=0.07, alpha=0.5, identities=None,
+                   tier1_mean="rows"):
     """Spec section 5 written out with Python loops (differentiable): (loss, {name: float}).
 
     ``identities``: positives of another sample with the anchor's label are dropped from both tiers.
+    ``tier1_mean="slots"``: tier 1 is the mean over positive slots of the mean of the slot's rows.
     """
     a = F.normalize(anchor, dim=-1)
     pos = F.normalize(positives, dim=-1)
@@ -35,6 +37,7 @@ def loop_reference(anchor, positives, negatives, pos_mask, neg_mask, temperature
     label = list(range(batch)) if identities is None else [int(i) for i in identities]
     everyone = [(c, q) for c in range(batch) for q in range(slots) if pos_mask[c, q]]
     tier1, hits1, tier2, hits2 = [], [], [], []
+    per_slot = {p: [] for p in range(slots)}
     for b in range(batch):
         own_negs = [a[b] @ neg[b, k] / temperature for k in range(neg_mask.shape[1]) if neg_mask[b, k]]
         row = [a[b] @ pos[c, q] / temperature for c, q in everyone if c == b or label[c] != label[b]] + own_negs
@@ -42,6 +45,7 @@ def loop_reference(anchor, positives, negatives, pos_mask, neg_mask, temperature
             if pos_mask[b, p]:
                 target = a[b] @ pos[b, p] / temperature
                 tier1.append(torch.logsumexp(torch.stack(row), 0) - target)
+                per_slot[p].append(tier1[-1])
                 hits1.append(target.item() >= max(x.item() for x in row))
         others = [a[b] @ pos[c, q] / temperature for c, q in everyone if label[c] != label[b]]
         pooled = torch.logsumexp(torch.stack(others), 0) if others else torch.tensor(-math.inf, dtype=a.dtype)
@@ -49,6 +53,9 @@ def loop_reference(anchor, positives, negatives, pos_mask, neg_mask, temperature
             tier2.append(-s + torch.logaddexp(s, pooled))
             hits2.append(s.item() > pooled.item())
     t1 = sum(tier1) / len(tier1) if tier1 else torch.zeros((), dtype=a.dtype)
+    if tier1_mean == "slots":
+        means = [sum(terms) / len(terms) for terms in per_slot.values() if terms]
+        t1 = sum(means) / len(means) if means else torch.zeros((), dtype=a.dtype)
     t2 = sum(tier2) / len(tier2) if tier2 else torch.zeros((), dtype=a.dtype)
     stats = {"tier1": t1.item(), "tier2": t2.item(),
              "tier1_acc": sum(hits1) / len(hits1) if hits1 else math.nan,
@@ -82,14 +89,15 @@ def assert_stats(stats: dict, expected: dict, tol: float = 1e-12) -> None:
         assert stats[name].item() == pytest.approx(value, abs=tol, nan_ok=True), name
 
 
+@pytest.mark.parametrize("tier1_mean", ["rows", "slots"])
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("temperature, alpha", [(0.07, 0.5), (0.3, 1.7)])
-def test_loss_matches_loop_reference(seed, temperature, alpha):
+def test_loss_matches_loop_reference(seed, temperature, alpha, tier1_mean):
     inputs = random_batch(seed)
-    loss, stats = two_tier_infonce(*inputs, temperature=temperature, alpha=alpha)
+    loss, stats = two_tier_infonce(*inputs, temperature=temperature, alpha=alpha, tier1_mean=tier1_mean)
     grads = torch.autograd.grad(loss, inputs[:3])
     clean = [t.detach().nan_to_num().requires_grad_() for t in inputs[:3]]  # the reference can't take NaN
-    expected, expected_stats = loop_reference(*clean, *inputs[3:], temperature, alpha)
+    expected, expected_stats = loop_reference(*clean, *inputs[3:], temperature, alpha, tier1_mean=tier1_mean)
     expected_grads = torch.autograd.grad(expected, clean)
 
     assert loss.dtype == torch.float64 and loss.item() == pytest.approx(expected.item(), abs=1e-12)
@@ -101,23 +109,33 @@ def test_loss_matches_loop_reference(seed, temperature, alpha):
             assert torch.all(grad[~mask] == 0)
 
 
+def test_slot_mean_differs_from_row_mean():
+    inputs = random_batch(0)
+    assert inputs[3].sum(0).tolist()[0] != inputs[3].sum(0).tolist()[1]  # the slots hold different row counts
+    rows, slots = (two_tier_infonce(*inputs, tier1_mean=mean)[1]["tier1"].item() for mean in ("rows", "slots"))
+    assert abs(rows - slots) > 1e-3
+    with pytest.raises(ValueError, match="tier1_mean"):
+        two_tier_infonce(*inputs, tier1_mean="samples")
+
+
+@pytest.mark.parametrize("tier1_mean", ["rows", "slots"])
 @pytest.mark.parametrize("seed", range(3))
-def test_shared_identities_are_not_negatives(seed):
+def test_shared_identities_are_not_negatives(seed, tier1_mean):
     inputs = random_batch(seed)
     identities = torch.tensor([0, 1, 0, 2, 1, 1])
-    loss, stats = two_tier_infonce(*inputs, identities=identities)
+    loss, stats = two_tier_infonce(*inputs, identities=identities, tier1_mean=tier1_mean)
     grads = torch.autograd.grad(loss, inputs[:3])
     clean = [t.detach().nan_to_num().requires_grad_() for t in inputs[:3]]
-    expected, expected_stats = loop_reference(*clean, *inputs[3:], identities=identities)
+    expected, expected_stats = loop_reference(*clean, *inputs[3:], identities=identities, tier1_mean=tier1_mean)
     expected_grads = torch.autograd.grad(expected, clean)
     assert loss.item() == pytest.approx(expected.item(), abs=1e-12)
     assert_stats(stats, expected_stats)
     for grad, ref in zip(grads, expected_grads):
         torch.testing.assert_close(grad, ref, rtol=0, atol=1e-12)
     # distinct labels are the default
-    assert two_tier_infonce(*inputs, identities=torch.arange(6) * 7)[0].item() == pytest.approx(
-        two_tier_infonce(*inputs)[0].item(), abs=1e-12)
-    assert loss.item() != pytest.approx(two_tier_infonce(*inputs)[0].item(), abs=1e-6)
+    assert two_tier_infonce(*inputs, identities=torch.arange(6) * 7, tier1_mean=tier1_mean)[0].item() == pytest.approx(
+        two_tier_infonce(*inputs, tier1_mean=tier1_mean)[0].item(), abs=1e-12)
+    assert loss.item() != pytest.approx(two_tier_infonce(*inputs, tier1_mean=tier1_mean)[0].item(), abs=1e-6)
     with pytest.raises(ValueError, match="identities"):
         two_tier_infonce(*inputs, identities=torch.zeros(6))
 
@@ -147,6 +165,8 @@ def test_edge_cases():
     # no valid positive anywhere: tier 1 is 0, tier 2 has L = -inf
     loss, stats = two_tier_infonce(anchor, positives, negatives, torch.zeros_like(pos_mask), neg_mask)
     assert loss.item() == 0 and stats["tier1_rows"].item() == 0 and math.isnan(stats["tier1_acc"])
+    assert two_tier_infonce(anchor, positives, negatives, torch.zeros_like(pos_mask), neg_mask,
+                            tier1_mean="slots")[0].item() == 0
     for case in [(anchor[:1], positives[:1], negatives[:1], pos_mask[:1], neg_mask[:1]),
                  (anchor, positives, negatives, torch.zeros_like(pos_mask), neg_mask)]:
         grads = torch.autograd.grad(two_tier_infonce(*case)[0], case[:3], allow_unused=True)
@@ -189,32 +209,45 @@ def shared_head() -> torch.nn.Module:
     return torch.nn.Linear(8, 8, dtype=torch.float64)
 
 
+MEANS = ("rows", "slots")
+
+
 def _loss_worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         start = sum(SPLITS[:rank])
         mine = slice(start, start + SPLITS[rank])
-        inputs = [t.detach()[mine] for t in random_batch(11, batch=sum(SPLITS))]
-        leaves = [t.requires_grad_() for t in inputs[:3]]
-        loss, stats = two_tier_infonce(*leaves, *inputs[3:], identities=IDENTITIES[mine])
-        loss.backward()
-        head = shared_head()  # a trained layer: nearid-train averages its gradients over the ranks
-        head_loss, _ = two_tier_infonce(*(head(torch.nan_to_num(t.detach())) for t in inputs[:3]), *inputs[3:],
-                                        identities=IDENTITIES[mine])
-        head_loss.backward()
-        average_gradients(list(head.parameters()), world)
-        torch.save({"loss": loss.detach(), "stats": stats, "grads": [t.grad for t in leaves],
-                    "head_grads": [p.grad for p in head.parameters()]}, Path(out, f"{rank}.pt"))
+        results = {}
+        for mean in MEANS:
+            inputs = [t.detach()[mine] for t in random_batch(11, batch=sum(SPLITS))]
+            leaves = [t.requires_grad_() for t in inputs[:3]]
+            loss, stats = two_tier_infonce(*leaves, *inputs[3:], identities=IDENTITIES[mine], tier1_mean=mean)
+            loss.backward()
+            head = shared_head()  # a trained layer: nearid-train averages its gradients over the ranks
+            head_loss, _ = two_tier_infonce(*(head(torch.nan_to_num(t.detach())) for t in inputs[:3]), *inputs[3:],
+                                            identities=IDENTITIES[mine], tier1_mean=mean)
+            head_loss.backward()
+            average_gradients(list(head.parameters()), world)
+            results[mean] = {"loss": loss.detach(), "stats": stats, "grads": [t.grad for t in leaves],
+                             "head_grads": [p.grad for p in head.parameters()]}
+        torch.save(results, Path(out, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def test_two_ranks_equal_one_process(tmp_path):
-    mp.spawn(_loss_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("ranks")
+    mp.spawn(_loss_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    return [torch.load(out / f"{rank}.pt", weights_only=False) for rank in range(2)]
+
+
+@pytest.mark.parametrize("mean", MEANS)
+def test_two_ranks_equal_one_process(two_ranks, mean):
+    ranks = [result[mean] for result in two_ranks]
     inputs = random_batch(11, batch=sum(SPLITS))
-    single, single_stats = two_tier_infonce(*inputs, identities=IDENTITIES)
+    single, single_stats = two_tier_infonce(*inputs, identities=IDENTITIES, tier1_mean=mean)
     single_grads = torch.autograd.grad(single, inputs[:3])
 
     assert 0 < single_stats["tier1_acc"] < 1 and 0 < single_stats["tier2_acc"] < 1  # not trivially all/none
@@ -231,7 +264,7 @@ def test_two_ranks_equal_one_process(tmp_path):
     # after nearid-train's gradient averaging, a shared layer gets exactly the one-process gradient
     head = shared_head()
     head_loss, _ = two_tier_infonce(*(head(torch.nan_to_num(t.detach())) for t in inputs[:3]), *inputs[3:],
-                                    identities=IDENTITIES)
+                                    identities=IDENTITIES, tier1_mean=mean)
     head_loss.backward()
     for result in ranks:
         for grad, param in zip(result["head_grads"], head.parameters()):
