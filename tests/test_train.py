@@ -1,21 +1,27 @@
 """Training groundwork: the two-tier loss (against an explicit re-derivation, gradcheck, 2 gloo
-ranks) and exporting a trunk back to the released checkpoint format."""
+ranks), the epoch composition, the optimiser (schedule, clipping, fp16 loss scaling) and exporting
+a trunk back to the released checkpoint format."""
 
 from __future__ import annotations
 
 import json
 import math
 import socket
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from nearid_metric.train.loop import average_gradients
+from nearid_metric.data import MTGSample, NearIDSample
+from nearid_metric.similarity import unique_images
+from nearid_metric.train.data import EpochPlan, compose_epoch, mtg_as_nearid
 from nearid_metric.train.loss import batch_loss, two_tier_infonce
+from nearid_metric.train.optim import HeadUpdate, average_gradients, lr_factor
 
 # The spawned ranks import this module: the export tests import transformers, timm and the
 # conftest helpers themselves, which keeps each rank's start-up about 4 s shorter.
@@ -231,6 +237,8 @@ def _loss_worker(rank: int, world: int, port: int, out: str) -> None:
             average_gradients(list(head.parameters()), world)
             results[mean] = {"loss": loss.detach(), "stats": stats, "grads": [t.grad for t in leaves],
                              "head_grads": [p.grad for p in head.parameters()]}
+        # every rank composes the epochs itself (shuffled anchors, drawn generators)
+        results["epochs"] = [compose_epoch(synthetic_plan(), 5, epoch) for epoch in (0, 3)]
         torch.save(results, Path(out, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -285,6 +293,157 @@ def test_batch_loss_drops_samples_without_an_anchor():
     expected, expected_stats = batch_loss(embeddings, index[keep], identities[keep], temperature=0.07, alpha=0.5)
     assert loss.item() == pytest.approx(expected.item(), abs=1e-12)
     assert stats["tier1_rows"] == expected_stats["tier1_rows"] == 3
+
+
+# --- the epoch composition ----------------------------------------------------------------------------
+
+GENERATORS = ("flux", "sdxl", "qwen")
+
+
+def synthetic_samples() -> list[NearIDSample]:
+    """30 identities in 3 generators (qwen lacks every third identity; id3 lacks view 1), then 5 MTG rows.
+
+    Views are named ``idI/vJ`` (shared by the generators), distractors ``G/idI/dJ``.
+    """
+    samples = []
+    for i in range(30):
+        views = tuple(None if (i, j) == (3, 1) else f"id{i}/v{j}" for j in range(3))
+        samples += [NearIDSample(f"id{i}", g, views, tuple(f"{g}/id{i}/d{j}" for j in range(3)))
+                    for g in GENERATORS if not (g == "qwen" and i % 3 == 0)]
+    samples += [mtg_as_nearid(MTGSample(str(k), "mtg", f"m{k}/v1", f"m{k}/v2", f"m{k}/d1", f"m{k}/d2",
+                                        None, None, None, None)) for k in range(5)]
+    return samples
+
+
+def synthetic_plan(**kwargs) -> EpochPlan:
+    images = unique_images(synthetic_samples())
+    return EpochPlan.from_samples(synthetic_samples(), {name: n for n, name in enumerate(images)}, **kwargs)
+
+
+def named_epoch(seed: int, epoch: int, **kwargs) -> tuple[list[list[str | None]], list[int]]:
+    """compose_epoch of the synthetic plan (MTG rows 4x) with image names instead of rows."""
+    images = unique_images(synthetic_samples())
+    slots, labels = compose_epoch(synthetic_plan(mtg_repeat=4), seed, epoch, **kwargs)
+    return [[None if r < 0 else images[r] for r in row] for row in slots.tolist()], labels.tolist()
+
+
+def owner(name: str) -> str:
+    """The identity an image name belongs to (idI or mK)."""
+    return next(part for part in name.split("/") if part.startswith(("id", "m")))
+
+
+def test_an_epoch_holds_each_identity_once_and_each_mtg_row_four_times():
+    plan = synthetic_plan(mtg_repeat=4)
+    assert plan.groups == GENERATORS + ("mtg",) and len(plan) == 30 + 5 * 4
+    rows, labels = named_epoch(0, 0)
+    assert len(rows) == len(labels) == 50
+    per_identity = Counter(owner(row[0]) for row in rows)
+    assert per_identity == {**{f"id{i}": 1 for i in range(30)}, **{f"m{k}": 4 for k in range(5)}}
+    for k in range(5):  # the copies of an MTG row are identical, and share one identity label
+        copies = [(row, label) for row, label in zip(rows, labels) if owner(row[0]) == f"m{k}"]
+        assert all(copy == copies[0] for copy in copies)
+    assert len(set(labels)) == 35
+
+
+def test_distractors_follow_their_views_and_draw_their_generator():
+    counts = {True: Counter(), False: Counter()}  # identity in qwen or not -> distractors per generator
+    anchors = Counter()
+    for epoch in range(20):
+        rows, _ = named_epoch(0, epoch)
+        mixed = 0
+        for row in rows:
+            views, distractors = row[:3], row[3:]
+            name = owner(row[0])
+            if name == "id3":
+                assert views[2] is None and distractors[2] == f"{distractors[2].split('/')[0]}/id3/d1"
+            assert sorted(filter(None, views)) == sorted(v for v in (f"{name}/v{j}" for j in range(3))
+                                                         if v != "id3/v1") or name.startswith("m")
+            for view, distractor in zip(views, distractors):
+                if view is not None:  # distractor j sits in view j's background
+                    assert distractor.endswith(view.replace("/v", "/d")), (view, distractor)
+            if name.startswith("id"):
+                generators = [d.split("/")[0] for d in distractors]
+                counts[int(name[2:]) % 3 != 0].update(generators)
+                mixed += len(set(generators)) > 1
+            anchors[name, row[0]] += 1
+        assert mixed > 10  # a sample's slots draw their generators independently
+    # uniform over the identity's generators: 20 x 3 x 20 draws for those in qwen, 10 x 3 x 20 for the rest
+    assert counts[False].keys() == {"flux", "sdxl"} and all(abs(n - 300) < 50 for n in counts[False].values())
+    assert counts[True].keys() == set(GENERATORS) and all(abs(n - 400) < 60 for n in counts[True].values())
+    # every present view becomes the anchor in some epoch
+    assert {view for (name, view) in anchors if name == "id0"} == {"id0/v0", "id0/v1", "id0/v2"}
+    assert {view for (name, view) in anchors if name == "m0"} == {"m0/v1", "m0/v2"}
+
+
+def test_composition_is_a_function_of_seed_and_epoch():
+    first, again, other_epoch, other_seed = named_epoch(0, 2), named_epoch(0, 2), named_epoch(0, 3), named_epoch(1, 2)
+    assert first == again and first != other_epoch and first != other_seed
+    fixed, _ = named_epoch(0, 2, shuffle_anchor=False)  # anchor: the first present view, in view order
+    assert all(row[:3] == [f"{owner(row[0])}/v{j}" for j in range(3)] for row in fixed if owner(row[0]) == "id5")
+    assert [row[:3] for row in fixed if owner(row[0]) == "id3"] == [["id3/v0", "id3/v2", None]]
+    plan = synthetic_plan()
+    lost = plan.without_images([int(plan.views[0, 0])])
+    assert lost.views[0, 0] == -1 and (lost.views[1:] == plan.views[1:]).all()
+
+
+def test_two_ranks_compose_the_epochs_of_one_process(two_ranks):
+    """Each rank (and a resumed run, a fresh process) composes an epoch from (seed, epoch) alone."""
+    for epoch, composed in zip((0, 3), zip(*(result["epochs"] for result in two_ranks))):
+        expected = compose_epoch(synthetic_plan(), 5, epoch)
+        for slots, labels in composed:
+            assert np.array_equal(slots, expected[0]) and np.array_equal(labels, expected[1])
+
+
+# --- the optimiser -----------------------------------------------------------------------------------
+
+
+def test_cosine_schedule_with_warmup():
+    total, warmup, peak = 1000, 100, 3e-4
+    param = torch.nn.Parameter(torch.zeros(3))
+    update = HeadUpdate([param], lr=peak, weight_decay=1e-4, schedule="cosine", warmup_steps=warmup,
+                        total_steps=total, grad_clip=1.0)
+    lrs = []
+    for _ in range(total):
+        update.zero_grad()
+        param.grad = torch.ones(3)
+        lrs.append(update.step()["lr"])
+    expected = {0: 0.0, 50: peak / 2, 100: peak, 101: peak * (1 + math.cos(math.pi / 900)) / 2,
+                999: peak * (1 + math.cos(math.pi * 899 / 900)) / 2}
+    for step, lr in expected.items():
+        assert lrs[step] == pytest.approx(lr, rel=1e-12, abs=1e-18), step
+    assert lrs[999] < 1e-8 and max(lrs) == pytest.approx(peak)
+    assert lr_factor(150, total_steps=total, schedule="constant", warmup_steps=warmup) == 1.0
+
+
+def test_clipping_caps_the_gradient_norm():
+    params = [torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(2, 2))]
+    update = HeadUpdate(params, lr=1e-3, weight_decay=0.0, schedule="constant", warmup_steps=0, total_steps=10,
+                        grad_clip=1.0)
+    params[0].grad, params[1].grad = torch.full((4,), 3.0), torch.full((2, 2), 4.0)
+    figures = update.step()
+    assert figures["grad_norm"] == pytest.approx(10.0)  # sqrt(4 x 9 + 4 x 16), before clipping
+    assert torch.cat([p.grad.reshape(-1) for p in params]).norm().item() == pytest.approx(1.0, rel=1e-5)
+    params[0].grad, params[1].grad = torch.full((4,), 0.1), torch.zeros(2, 2)
+    update.step()
+    assert params[0].grad.norm().item() == pytest.approx(0.2)  # below the cap: unchanged
+
+
+def test_loss_scaler_skips_the_step_on_inf():
+    param = torch.nn.Parameter(torch.ones(3))
+    update = HeadUpdate([param], lr=0.1, weight_decay=0.0, schedule="cosine", warmup_steps=0, total_steps=10,
+                        grad_clip=1.0, scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 10))
+    update.zero_grad()
+    update.backward((param * torch.tensor([1.0, math.inf, 1.0])).sum())
+    figures = update.step()
+    assert figures["skipped"] == 1 and torch.equal(param.detach(), torch.ones(3))
+    assert update.scaler.get_scale() == 2.0 ** 9 and update.scheduler.last_epoch == 0  # the schedule waits
+    update.zero_grad()
+    update.backward((param * 2).sum())
+    figures = update.step()
+    assert figures["skipped"] == 0 and figures["grad_norm"] == pytest.approx(2 * math.sqrt(3))  # unscaled
+    assert (param.detach() < 1).all() and update.scheduler.last_epoch == 1
+    state = update.state_dict()
+    assert state["scaler"]["scale"] == 2.0 ** 9 and state["scheduler"]["last_epoch"] == 1
 
 
 # --- exporting a trunk to the released checkpoint format -----------------------------------------------
