@@ -40,7 +40,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from embed_speed import MODELS, IMAGE_SIZES, machine_description, random_image, write_random_checkpoint  # noqa: E402
 
-import nearid_metric.train as training  # noqa: E402
+import nearid_metric.train.loop as training  # noqa: E402
 from nearid_metric.train.config import TrainConfig  # noqa: E402
 from nearid_metric.train.loop import train  # noqa: E402
 
@@ -69,11 +69,11 @@ def folder_bytes(folder: Path) -> int:
 
 
 class CheckpointTimer:
-    """Wraps ``nearid_metric.train._save_checkpoint`` and adds up the seconds spent in it."""
+    """Wraps ``nearid_metric.train.loop._atomic_save`` (checkpoint writes) and adds up the seconds spent in it."""
 
     def __init__(self):
         self.seconds = 0.0
-        self._save = training._save_checkpoint
+        self._save = training._atomic_save
 
     def __call__(self, *args, **kwargs):
         start = time.perf_counter()
@@ -95,12 +95,12 @@ def run(args: argparse.Namespace) -> dict:
             out = tmp / name.replace(", ", "-")
             config = TrainConfig(out=str(out), cache_dir=None if cache is None else str(cache), **common)
             print(f"{name} ...", file=sys.stderr, flush=True)
-            training._save_checkpoint = timer = CheckpointTimer()
+            training._atomic_save = timer = CheckpointTimer()
             start = time.perf_counter()
             try:
                 summary = train(config)
             finally:
-                training._save_checkpoint = timer._save
+                training._atomic_save = timer._save
             wall = time.perf_counter() - start
             runs[name] = {"wall_s": wall, "epoch_s": (summary["seconds"] - timer.seconds) / args.epochs,
                           "checkpoint_s": timer.seconds, "losses": step_losses(out)}
@@ -146,7 +146,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=8, help="NearID samples (6 images each)")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                        help="auto: fp16 with loss scaling on CUDA, fp32 on CPU (nearid-train's default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")

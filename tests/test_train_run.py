@@ -4,6 +4,7 @@ folder scores like the model that was trained."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from nearid_metric import NearIDScore
+from nearid_metric import NearIDScore, __version__
 from nearid_metric.data import NearIDSample
 from nearid_metric.folders import read_nearid_folder
 from nearid_metric.model import load_checkpoint_trunk
@@ -28,7 +29,7 @@ from nearid_metric.protocol import score_nearid_samples
 from nearid_metric.cli.train import config_from_args, main
 from nearid_metric.similarity import nearid_similarities, unique_images
 from nearid_metric.train.config import TrainConfig, read_config_file
-from nearid_metric.train.data import epoch_batches, mtg_as_nearid, sample_slots, split_samples
+from nearid_metric.train.data import epoch_batches, mtg_as_nearid, split_samples
 from nearid_metric.train.loop import train
 
 # --- a synthetic identity task -------------------------------------------------------------------------
@@ -101,7 +102,7 @@ def identities(tmp_path_factory) -> Path:
 
 def settings(base: Path, data: Path, out: Path, **overrides) -> TrainConfig:
     values = dict(out=str(out), base=str(base), nearid_folder=[str(data)], eval_fraction=0.3, epochs=6, batch_size=8,
-                  lr=1e-2, num_workers=0, progress=False, log_every=1)
+                  lr=1e-2, warmup_steps=3, num_workers=0, progress=False, log_every=1)
     return TrainConfig(**{**values, **overrides})
 
 
@@ -122,19 +123,24 @@ def head_of(out: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, siglip_base, identities) -> tuple[TrainConfig, dict]:
-    config = settings(siglip_base[0], identities, tmp_path_factory.mktemp("run") / "out", export_dtype="fp32")
+    config = settings(siglip_base[0], identities, tmp_path_factory.mktemp("run") / "out", export_dtype="fp32",
+                      eval_every=7)
     return config, train(config)
 
 
 def test_training_raises_held_out_ssr_above_the_untrained_head(trained):
     config, summary = trained
     before, after = summary["history"][0], summary["history"][-1]
-    assert [h["epoch"] for h in summary["history"]] == list(range(config.epochs + 1))
+    per_epoch = len(epoch_batches(summary["epoch_samples"], config.batch_size, config.seed, 0))
+    # step 0, every eval_every steps, every epoch's end (once where the two meet)
+    steps = sorted({0, *range(7, summary["steps"] + 1, 7), *range(per_epoch, summary["steps"] + 1, per_epoch)})
+    assert [h["step"] for h in summary["history"]] == steps
+    assert [h["epoch"] for h in summary["history"] if h["step"] % per_epoch == 0] == list(range(config.epochs + 1))
     assert before["n_samples"] == after["n_samples"] == summary["eval_samples"] >= 10
     assert after["SSR"] >= before["SSR"] + 20, (before, after)
     assert after["PA"] >= before["PA"] + 25, (before, after)
-    assert summary["finished"] and summary["steps"] == config.epochs * len(
-        epoch_batches(summary["train_samples"], config.batch_size, config.seed, 0))
+    assert summary["finished"] and summary["steps"] == config.epochs * per_epoch
+    assert set(after["groups"]) == {"shapes"}  # per distractor source
     losses = step_losses(Path(config.out))
     first, last = np.mean(list(losses.values())[:4]), np.mean(list(losses.values())[-4:])
     assert last < first
@@ -162,7 +168,22 @@ def test_export_scores_like_the_trained_model(trained, siglip_base):
     assert rates["SSR"] == pytest.approx(summary["history"][-1]["SSR"])
     assert rates["PA"] == pytest.approx(summary["history"][-1]["PA"])
     training = json.loads((final / "training.json").read_text())
-    assert training["steps"] == summary["steps"] and training["config"]["lr"] == config.lr
+    assert training["steps"] == summary["steps"] and training["config"] == dataclasses.asdict(config)
+    assert training["version"] == __version__ and training["head"] == "final"
+    assert training["resolved"] == {"precision": "fp32", "device": "cpu", "world_size": 1, "steps_per_epoch": 5}
+
+
+def test_the_best_head_is_kept(trained, siglip_base):
+    config, summary = trained
+    best = max(summary["history"], key=lambda h: h["SSR"])  # the first of equals
+    assert summary["best"] == {"step": best["step"], "epoch": best["epoch"], "SSR": best["SSR"]}
+    kept = torch.load(Path(config.out) / "best.pt", weights_only=True)
+    assert (kept["step"], kept["SSR"]) == (best["step"], best["SSR"])
+    folder = Path(summary["export_best"])
+    assert json.loads((folder / "training.json").read_text())["head"] == "best"
+    trunk = load_checkpoint_trunk(folder, dtype=torch.float32, device="cpu")
+    for name, value in kept["head"].items():  # exported in fp32 here
+        torch.testing.assert_close(trunk.attn_pool.state_dict()[name], value, rtol=0, atol=0)
 
 
 def test_default_export_is_float16_and_close(tmp_path, siglip_base, identities, trained):
@@ -190,7 +211,7 @@ def test_cached_features_give_the_uncached_loss_curve(tmp_path, siglip_base, ide
     config, summary = trained
     uncached = step_losses(Path(config.out))
     exact = settings(siglip_base[0], identities, tmp_path / "fp32", cache_dir=str(tmp_path / "cache32"),
-                     cache_dtype="fp32", export_dtype="fp32")
+                     cache_dtype="fp32", export_dtype="fp32", eval_every=7)
     cached_summary = train(exact)
     cached = step_losses(tmp_path / "fp32")
     assert cached.keys() == uncached.keys()
@@ -200,7 +221,8 @@ def test_cached_features_give_the_uncached_loss_curve(tmp_path, siglip_base, ide
         torch.testing.assert_close(head_of(tmp_path / "fp32")[name], value, rtol=1e-4, atol=1e-5)
 
     # the default float16 cache: the same curve to float16 round-off of the tokens
-    half = settings(siglip_base[0], identities, tmp_path / "fp16", cache_dir=str(tmp_path / "cache16"), epochs=2)
+    half = settings(siglip_base[0], identities, tmp_path / "fp16", cache_dir=str(tmp_path / "cache16"),
+                    max_steps=10)  # the schedule of the 6-epoch run
     train(half)
     curve = list(step_losses(tmp_path / "fp16").values())
     np.testing.assert_allclose(curve, list(uncached.values())[:len(curve)], rtol=2e-3)
@@ -227,27 +249,35 @@ def test_cache_signature_separates_bases_and_precisions(tmp_path, siglip_base, c
     assert len(signatures) == 4
     assert len({s.split("|")[1] for s in signatures}) == 2  # two bases
     assert sum("compute:bf16" in s for s in signatures) == sum("compute:fp16" in s for s in signatures) == 1
-    losses = list(step_losses(tmp_path / "d").values())
-    assert fp16["finished"] and np.isfinite(losses).all()
-    np.testing.assert_allclose(losses, list(step_losses(tmp_path / "a").values()), rtol=2e-2)  # fp16 trunk only
+    records = [r for r in read_log(tmp_path / "d") if "loss" in r]
+    assert fp16["finished"] and np.isfinite([r["loss"] for r in records]).all()
+    assert all(r["loss_scale"] > 0 for r in records) and "loss_scale" not in read_log(tmp_path / "a")[-1]
+    # the base head's loss, with trunk and head under fp16 autocast, is the fp32 one up to rounding
+    assert records[0]["loss"] == pytest.approx(step_losses(tmp_path / "a")[1], rel=2e-3)
 
 
 # --- stopping, killing and resuming -----------------------------------------------------------------------
 
 
 def test_stopped_run_resumes_to_the_same_state(tmp_path, siglip_base, identities):
-    whole = settings(siglip_base[0], identities, tmp_path / "whole", epochs=3)
+    """fp16 (the loss scaler's state resumes too; from the feature cache, as fp16 runs slowly on a CPU);
+    evaluations every 3 steps."""
+    common = dict(epochs=2, precision="fp16", eval_every=3, cache_dir=str(tmp_path / "cache"))
+    whole = settings(siglip_base[0], identities, tmp_path / "whole", **common)
     expected = train(whole)
-    parts = settings(siglip_base[0], identities, tmp_path / "parts", epochs=3, max_steps=7)
+    parts = settings(siglip_base[0], identities, tmp_path / "parts", max_steps=7, **common)
     first = train(parts)
     assert first["steps"] == 7 and not first["finished"] and first["export"] is None
     with pytest.raises(ValueError, match="pass --resume"):
         train(parts)
     with pytest.raises(ValueError, match=r"other settings \(lr: 0.01 -> 0.02\)"):
-        train(settings(siglip_base[0], identities, tmp_path / "parts", epochs=3, resume=True, lr=2e-2))
-    second = train(settings(siglip_base[0], identities, tmp_path / "parts", epochs=3, resume=True))
+        train(settings(siglip_base[0], identities, tmp_path / "parts", resume=True, lr=2e-2, **common))
+    with pytest.raises(ValueError, match=r"other settings \(epochs: 2 -> 3\)"):  # the cosine schedule's length
+        train(settings(siglip_base[0], identities, tmp_path / "parts", resume=True, **{**common, "epochs": 3}))
+    second = train(settings(siglip_base[0], identities, tmp_path / "parts", resume=True, **common))
     assert second["steps"] == expected["steps"] and second["finished"]
-    assert second["history"] == expected["history"]
+    assert second["history"] == expected["history"] and second["best"] == expected["best"]
+    assert any(r.get("skipped") for r in read_log(tmp_path / "whole"))  # the scaler skipped an overflowing step
     assert step_losses(tmp_path / "parts") == step_losses(tmp_path / "whole")
     whole_state = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
     parts_state = torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=True)
@@ -256,6 +286,9 @@ def test_stopped_run_resumes_to_the_same_state(tmp_path, siglip_base, identities
     for key, value in whole_state["optimizer"]["state"].items():
         for name in ("step", "exp_avg", "exp_avg_sq"):
             assert torch.equal(parts_state["optimizer"]["state"][key][name], value[name]), (key, name)
+    assert parts_state["scheduler"] == whole_state["scheduler"] and parts_state["scaler"] == whole_state["scaler"]
+    assert whole_state["scheduler"]["last_epoch"] == expected["steps"] - sum(
+        bool(r.get("skipped")) for r in read_log(tmp_path / "whole") if "loss" in r)
 
 
 def test_killed_run_resumes(tmp_path, siglip_base, identities):
@@ -328,19 +361,19 @@ def _rank(rank: int, world: int, port: int, config: TrainConfig) -> None:
     train(config)
 
 
-def test_two_ranks_train_like_one_process(tmp_path, siglip_base, identities, trained):
+def test_two_ranks_train_like_one_process(tmp_path, siglip_base, identities):
     from test_train import free_port
 
     config = settings(siglip_base[0], identities, tmp_path / "ranks", epochs=2, cache_dir=str(tmp_path / "cache"),
                       cache_dtype="fp32")
     mp.spawn(_rank, args=(2, free_port(), config), nprocs=2, join=True)
-    single, _ = trained
-    reference = step_losses(Path(single.out))
+    train(dataclasses.replace(config, out=str(tmp_path / "single")))  # the same schedule (2 epochs), cache filled
+    reference = step_losses(tmp_path / "single")
     losses = step_losses(tmp_path / "ranks")
     np.testing.assert_allclose(list(losses.values()), [reference[s] for s in losses], rtol=1e-4)
     summary = json.loads((tmp_path / "ranks" / "summary.json").read_text())
     assert summary["finished"] and summary["export"]
-    assert summary["train_samples"] % config.batch_size == 1  # the last batch leaves rank 1 nothing
+    assert summary["epoch_samples"] % config.batch_size == 1  # the last batch leaves rank 1 nothing
 
 
 # --- settings -----------------------------------------------------------------------------------------------
@@ -356,7 +389,15 @@ def test_config_file_then_flags(tmp_path):
     yaml_file.write_text("out: runs/y\nmtg: [m.parquet]\nlr: 1\nmax-steps: 5\n")
     assert read_config_file(yaml_file) == {"out": "runs/y", "mtg": ["m.parquet"], "lr": 1.0, "max_steps": 5}
     defaults = TrainConfig()
-    assert (defaults.lr, defaults.epochs, defaults.batch_size, defaults.weight_decay) == (1e-4, 11, 128, 0.01)
+    assert (defaults.lr, defaults.epochs, defaults.batch_size, defaults.weight_decay) == (1e-4, 11, 128, 1e-4)
+    assert (defaults.lr_schedule, defaults.warmup_steps, defaults.grad_clip, defaults.precision) == (
+        "cosine", 100, 1.0, "auto")
+    assert (defaults.shuffle_anchor, defaults.mtg_repeat, defaults.tier1_mean, defaults.eval_every) == (
+        True, 4, "slots", 100)
+    flags = config_from_args([str(toml), "--no-shuffle-anchor", "--tier1-mean", "rows", "--lr-schedule", "constant",
+                              "--grad-clip", "0", "--no-progress", "--resume"])
+    assert (flags.shuffle_anchor, flags.tier1_mean, flags.lr_schedule, flags.grad_clip) == (False, "rows", "constant", 0)
+    assert (flags.progress, flags.resume, config.shuffle_anchor) == (False, True, True)
 
 
 @pytest.mark.parametrize("text, message", [
@@ -398,13 +439,6 @@ def test_split_holds_out_identities_in_every_group_and_named_groups():
     assert {s.id for s in with_group if s.group == "a"} == held_ids and sum(s.group == "b" for s in with_group) == 200
     with pytest.raises(ValueError, match="eval_groups not in the data"):
         split_samples(samples, 0.1, ["c"])
-
-
-def test_slots_anchor_on_the_first_present_view():
-    samples = [NearIDSample("x", "g", ("a", "b", "c"), ("d", None, "f")),
-               NearIDSample("y", "g", (None, "b", "e"), (None, None, None))]
-    rows = {name: n for n, name in enumerate("abcdef")}
-    assert sample_slots(samples, rows).tolist() == [[0, 1, 2, 3, -1, 5], [1, 4, -1, -1, -1, -1]]
 
 
 def test_mtg_rows_become_training_samples():

@@ -25,17 +25,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = command_parser(
         "nearid-train",
         "Train the NearID identity head on a frozen SigLIP2 trunk and export a checkpoint folder that "
-        "NearIDScore loads. Settings: defaults (the paper's recipe) < CONFIG file < flags.",
+        "NearIDScore loads. Settings: defaults (the reference trainer's recipe) < CONFIG file < flags.",
     )
     parser.add_argument("config", nargs="?", type=Path, help="TOML or YAML file of settings (names as the flags)")
     for f in dataclasses.fields(TrainConfig):
         default = getattr(TrainConfig(), f.name)
         flag = "--" + f.name.replace("_", "-")
         common = dict(default=argparse.SUPPRESS, help=with_default(FIELD_HELP[f.name], default))
-        if f.name == "progress":
-            parser.add_argument("--no-progress", dest="progress", action="store_false", **common)
-        elif isinstance(default, bool):
-            parser.add_argument(flag, action="store_true", **common)
+        if isinstance(default, bool):  # --flag / --no-flag
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
         elif isinstance(default, list):
             parser.add_argument(flag, nargs="+", metavar=f.name.upper(), **common)
         elif isinstance(default, float):

@@ -12,19 +12,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: schedule, loss scaler, best held-out SSR, epoch composition
 SLOTS = ("anchor", "positive_1", "positive_2", "negative_0", "negative_1", "negative_2")
 AUTOCAST = ("auto", "fp32", "bf16", "fp16")
 STORE_DTYPES = {"fp16": "float16", "fp32": "float32"}
 EXPORT_DTYPES = ("fp16", "fp32")
+LR_SCHEDULES = ("cosine", "constant")
+TIER1_MEANS = ("slots", "rows")
 
 
 @dataclass
 class TrainConfig:
     """What ``nearid-train`` does. Config-file keys and ``--flags`` use these names (``_`` -> ``-``).
 
-    Defaults are the paper's recipe (AdamW, lr 1e-4, 11 epochs, global batch 128, T 0.07,
-    alpha 0.5, mixed precision on GPUs). Data fields are those of ``nearid-bench``.
+    Defaults are the reference trainer's recipe (docs/training.md, "Recipe"): AdamW lr 1e-4 with
+    weight decay 1e-4, 100 warm-up steps then a cosine decay, gradient norm clipped at 1, 11 epochs,
+    global batch 128, T 0.07, alpha 0.5, fp16 mixed precision on CUDA, anchors shuffled, MTG rows
+    4x per epoch, evaluation every 100 steps. Data fields are those of ``nearid-bench``.
     """
 
     out: str | None = None
@@ -36,6 +40,7 @@ class TrainConfig:
     distractor_prefix: str = "auto"
     group: list[str] = field(default_factory=list)
     mtg: list[str] = field(default_factory=list)
+    mtg_repeat: int = 4
     hf: bool = False
     split: str = "train"
     data_revision: str | None = None
@@ -44,9 +49,14 @@ class TrainConfig:
     epochs: int = 11
     batch_size: int = 128
     lr: float = 1e-4
-    weight_decay: float = 0.01
+    weight_decay: float = 1e-4
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
     temperature: float = 0.07
     alpha: float = 0.5
+    tier1_mean: str = "slots"
+    shuffle_anchor: bool = True
     seed: int = 0
     precision: str = "auto"
     device: str | None = None
@@ -54,6 +64,7 @@ class TrainConfig:
     cache_dtype: str = "fp16"
     num_workers: int = min(8, os.cpu_count() or 1)
     checkpoint_every: int = 500
+    eval_every: int = 100
     log_every: int = 10
     max_steps: int | None = None
     resume: bool = False
@@ -62,9 +73,11 @@ class TrainConfig:
 
 
 # Fields that define a run: a resumed run must have the same values.
+# (``epochs`` too under the cosine schedule, whose length it sets: see ``run_fields``.)
 RUN_FIELDS = ("base", "revision", "nearid_folder", "positives", "distractors", "distractor_prefix", "group", "mtg",
-              "hf", "split", "data_revision", "eval_fraction", "eval_groups", "batch_size", "lr", "weight_decay",
-              "temperature", "alpha", "seed", "precision", "cache_dtype")
+              "mtg_repeat", "hf", "split", "data_revision", "eval_fraction", "eval_groups", "batch_size", "lr",
+              "weight_decay", "lr_schedule", "warmup_steps", "grad_clip", "temperature", "alpha", "tier1_mean",
+              "shuffle_anchor", "seed", "precision", "cache_dtype")
 
 FIELD_HELP = {
     "out": "output folder: checkpoint.pt, log.jsonl, summary.json and final/ (the exported checkpoint)",
@@ -76,7 +89,8 @@ FIELD_HELP = {
     "distractors": "NearID distractor tables, one group each",
     "distractor_prefix": "distractor image columns: auto, img or nimg",
     "group": "group names, one per --distractors or --nearid-folder source",
-    "mtg": "MTG tables mixed into training (anchor = view 1, positive = view 2, negatives = the part edits)",
+    "mtg": "MTG tables mixed into training (views 1 and 2, negatives = their part edits)",
+    "mtg_repeat": "copies of every MTG row per epoch (reference: 4, scripts/train_example.sh)",
     "hf": "--positives/--distractors/--mtg are Hugging Face dataset ids or saved dataset folders",
     "split": "dataset split with --hf",
     "data_revision": "dataset revision with --hf",
@@ -84,23 +98,32 @@ FIELD_HELP = {
     "eval_groups": "NearID groups (inpainting settings) held out for evaluation",
     "epochs": "passes over the training samples",
     "batch_size": "global batch (samples; split over ranks)",
-    "lr": "AdamW learning rate (constant)",
-    "weight_decay": "AdamW weight decay",
+    "lr": "AdamW peak learning rate",
+    "weight_decay": "AdamW weight decay (reference: 1e-4, training/config.py)",
+    "lr_schedule": "cosine (linear warm-up, then a half cosine to 0 at the last step; the reference's) or constant "
+                   "(after the warm-up)",
+    "warmup_steps": "optimiser updates of linear learning-rate warm-up from 0 (reference: 100)",
+    "grad_clip": "clip the head's global gradient norm to this (reference: 1.0); 0 = no clipping",
     "temperature": "InfoNCE temperature",
     "alpha": "weight of tier 2",
-    "seed": "seed of the sample order",
-    "precision": "autocast: auto (CUDA: bf16 where supported, else fp16 for the trunk; CPU: fp32), fp32, bf16 or "
-                 "fp16 (trunk only: the head then trains in fp32)",
+    "tier1_mean": "tier-1 average: slots (mean over positive slots of each slot's mean; the reference's) or rows "
+                  "(mean over all valid positive rows)",
+    "shuffle_anchor": "each epoch, shuffle every sample's valid views (its distractors follow them); the first is "
+                      "the anchor (--no-shuffle-anchor: always the first present view)",
+    "seed": "seed of the sample order, the anchor shuffle and the distractor generators drawn",
+    "precision": "autocast of trunk and head: auto (CUDA: fp16 with loss scaling, as the reference; CPU: fp32), "
+                 "fp32, bf16 or fp16; the head's weights stay fp32",
     "device": "torch device (default: cuda if available; cuda:LOCAL_RANK under torchrun)",
     "cache_dir": "feature cache folder: the trunk's tokens of each image are computed once and stored there",
     "cache_dtype": "feature cache storage: fp16 (default) or fp32",
     "num_workers": "data loader processes",
     "checkpoint_every": "steps between checkpoints (and at every epoch end)",
+    "eval_every": "steps between held-out evaluations (and at step 0 and every epoch end)",
     "log_every": "steps between log.jsonl records",
     "max_steps": "stop after this many steps in total (checkpointed; --resume continues)",
     "resume": "continue from OUT/checkpoint.pt if there is one",
     "export_dtype": "dtype of the exported weights: fp16 (as released) or fp32",
-    "progress": "progress bars",
+    "progress": "progress bars (--no-progress: none)",
 }
 
 
@@ -118,19 +141,27 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError(f"group needs one name per NearID source, got {len(config.group)}")
     if not 0 <= config.eval_fraction < 1:
         raise ValueError(f"eval_fraction must be in [0, 1), got {config.eval_fraction}")
-    for name in ("epochs", "batch_size", "checkpoint_every", "log_every"):
+    for name in ("epochs", "batch_size", "checkpoint_every", "log_every", "eval_every", "mtg_repeat"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
     if config.max_steps is not None and config.max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {config.max_steps}")
-    if config.num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {config.num_workers}")
-    if config.lr <= 0 or config.temperature <= 0 or config.weight_decay < 0 or config.alpha < 0:
-        raise ValueError("lr and temperature must be > 0, weight_decay and alpha >= 0")
+    for name in ("num_workers", "warmup_steps"):
+        if getattr(config, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(config, name)}")
+    if config.lr <= 0 or config.temperature <= 0 or min(config.weight_decay, config.alpha, config.grad_clip) < 0:
+        raise ValueError("lr and temperature must be > 0, weight_decay, alpha and grad_clip >= 0")
     for name, choices in (("precision", AUTOCAST), ("cache_dtype", STORE_DTYPES), ("export_dtype", EXPORT_DTYPES),
-                          ("distractor_prefix", ("auto", "img", "nimg"))):
+                          ("distractor_prefix", ("auto", "img", "nimg")), ("lr_schedule", LR_SCHEDULES),
+                          ("tier1_mean", TIER1_MEANS)):
         if getattr(config, name) not in choices:
             raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(config, name)!r}")
+
+
+def run_fields(config: TrainConfig) -> tuple[str, ...]:
+    """The settings a resumed run must share with its checkpoint: :data:`RUN_FIELDS`, and
+    ``epochs`` under the cosine schedule (its length is ``epochs`` x the steps of an epoch)."""
+    return RUN_FIELDS + (("epochs",) if config.lr_schedule == "cosine" else ())
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:

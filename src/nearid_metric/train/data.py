@@ -1,9 +1,11 @@
-"""Training data: samples from the data settings, the held-out split, and the batches of an epoch."""
+"""Training data: samples from the data settings, the held-out split, the composition and the batches of an epoch."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -17,7 +19,7 @@ from nearid_metric.images import ImageSource
 from nearid_metric.preprocess import PreprocessConfig
 from nearid_metric.loading import PreprocessedImages, collate_preprocessed
 from nearid_metric.similarity import image_source_key
-from nearid_metric.train.config import SLOTS, TrainConfig
+from nearid_metric.train.config import TrainConfig
 
 
 def read_training_samples(config: TrainConfig) -> list[NearIDSample]:
@@ -65,15 +67,93 @@ def split_samples(samples: Sequence[NearIDSample], eval_fraction: float, eval_gr
     return train, held
 
 
-def sample_slots(samples: Sequence[NearIDSample], rows: dict[Any, int]) -> np.ndarray:
-    """Image rows [S, 6] int64 in :data:`SLOTS` order (-1 = missing): the anchor is the first
-    present view, the positives the other views, the negatives the 3 distractors."""
-    slots = np.full((len(samples), len(SLOTS)), -1, dtype=np.int64)
-    for n, sample in enumerate(samples):
-        views = [rows[image_source_key(v)] for v in sample.views if v is not None]
-        slots[n, :len(views)] = views
-        slots[n, 3:] = [-1 if d is None else rows[image_source_key(d)] for d in sample.distractors]
-    return slots
+@dataclass(frozen=True)
+class EpochPlan:
+    """What every epoch is composed from (:func:`compose_epoch`): one entry per NearID identity
+    (all its groups together) and one per MTG row.
+
+    ``views`` [E, 3]: image rows of the entry's views (from its first sample; -1 = missing).
+    ``distractors`` [E, G, 3]: image rows of distractor j in generator (group) ``groups[g]``
+    (-1 = missing), and ``present`` [E, G] bool: the entry has a sample in that group.
+    ``labels`` [E]: identity labels (one per id). ``repeat`` [E]: copies per epoch.
+    """
+
+    views: np.ndarray
+    distractors: np.ndarray
+    present: np.ndarray
+    labels: np.ndarray
+    repeat: np.ndarray
+    groups: tuple[str, ...]
+
+    @classmethod
+    def from_samples(cls, samples: Sequence[NearIDSample], rows: dict[Any, int], mtg_repeat: int = 1
+                     ) -> EpochPlan:
+        """The plan of the training ``samples`` (``rows``: image key -> image row). MTG samples (id
+        ``mtg:...``) are entries of their own, ``mtg_repeat`` copies each; NearID samples of one id
+        (one per group) form one entry, whose views are taken from its first sample: the groups
+        of an identity share its views (one positives table)."""
+        groups = tuple(dict.fromkeys(s.group for s in samples))
+        entry_of: dict[str, int] = {}
+        entries: list[list[NearIDSample]] = []
+        for sample in samples:
+            if sample.id.startswith("mtg:"):
+                entries.append([sample])
+            elif sample.id in entry_of:
+                entries[entry_of[sample.id]].append(sample)
+            else:
+                entry_of[sample.id] = len(entries)
+                entries.append([sample])
+
+        def image_rows(images: Sequence[ImageSource | None]) -> list[int]:
+            return [-1 if image is None else rows[image_source_key(image)] for image in images]
+
+        views = np.array([image_rows(members[0].views) for members in entries], dtype=np.int64).reshape(-1, 3)
+        distractors = np.full((len(entries), len(groups), 3), -1, dtype=np.int64)
+        present = np.zeros((len(entries), len(groups)), dtype=bool)
+        for n, members in enumerate(entries):
+            for sample in members:
+                g = groups.index(sample.group)
+                distractors[n, g], present[n, g] = image_rows(sample.distractors), True
+        labels: dict[str, int] = {}
+        ids = np.array([labels.setdefault(m[0].id, len(labels)) for m in entries], dtype=np.int64)
+        repeat = np.array([mtg_repeat if m[0].id.startswith("mtg:") else 1 for m in entries], dtype=np.int64)
+        return cls(views, distractors, present, ids, repeat, groups)
+
+    def __len__(self) -> int:
+        """Samples per epoch (entries with their copies)."""
+        return int(self.repeat.sum())
+
+    def without_images(self, lost: Sequence[int]) -> EpochPlan:
+        """The plan with the image rows ``lost`` (e.g. not in the feature cache) missing."""
+        return dataclasses.replace(self, views=np.where(np.isin(self.views, lost), -1, self.views),
+                                   distractors=np.where(np.isin(self.distractors, lost), -1, self.distractors))
+
+
+def compose_epoch(plan: EpochPlan, seed: int, epoch: int, *, shuffle_anchor: bool = True
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Epoch ``epoch``'s samples: image rows [N, 6] in :data:`SLOTS` order (-1 = missing) and
+    identity labels [N], N = ``len(plan)`` (entry order; every copy of an entry is identical).
+
+    Random draws depend on ``(seed, epoch)`` and the entry only, so every rank and every resumed
+    run composes the same epoch. Per entry, distractor slot j draws its generator uniformly from
+    the groups the entry has a sample in, and takes that sample's distractor j. The entry's
+    present views are then put first, shuffled (``shuffle_anchor``; else in view order), the
+    missing ones last; distractor j moves with view j (it sits in view j's background). The first
+    view is the anchor, the next two the positives.
+    """
+    entries, slots = plan.views.shape
+    rng = np.random.default_rng([seed, epoch, 1])  # [seed, epoch] orders the samples (epoch_batches)
+    draws, keys = rng.random((entries, slots)), rng.random((entries, slots))
+    choices = plan.present.sum(1, keepdims=True)  # groups to draw from, [E, 1]
+    kth = np.minimum((draws * choices).astype(np.int64), choices - 1)  # [E, 3]
+    group = (np.cumsum(plan.present, 1)[:, None, :] > kth[..., None]).argmax(2)  # the kth present group, [E, 3]
+    negatives = plan.distractors[np.arange(entries)[:, None], group, np.arange(slots)]  # [E, 3]
+    if not shuffle_anchor:
+        keys = np.broadcast_to(np.arange(slots, dtype=float), (entries, slots))
+    order = np.argsort(np.where(plan.views >= 0, keys, np.inf), axis=1, kind="stable")
+    composed = np.concatenate([np.take_along_axis(plan.views, order, 1), np.take_along_axis(negatives, order, 1)], 1)
+    copies = np.repeat(np.arange(entries), plan.repeat)
+    return composed[copies], plan.labels[copies]
 
 
 class TrainingBatches(Dataset):

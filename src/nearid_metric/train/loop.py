@@ -6,6 +6,7 @@ checkpoints and resumption, ``torchrun``, and the export at the end (spec sectio
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -46,20 +47,22 @@ from nearid_metric.similarity import (
 )
 from nearid_metric.train.config import (
     CHECKPOINT_FORMAT,
-    RUN_FIELDS,
     STORE_DTYPES,
     TrainConfig,
     check_config,
+    run_fields,
 )
 from nearid_metric.train.data import (
+    EpochPlan,
     TrainingBatches,
+    compose_epoch,
     epoch_batches,
     read_training_samples,
-    sample_slots,
     split_samples,
 )
 from nearid_metric.train.export import export_checkpoint
 from nearid_metric.train.loss import batch_loss
+from nearid_metric.train.optim import HeadUpdate, autocast_dtype, average_gradients, precision_name
 
 logger = logging.getLogger(__name__)
 
@@ -69,27 +72,22 @@ EXPORT_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
 @dataclass
 class TrainModel:
-    """The frozen trunk and its trainable MAP head (``trunk.attn_pool``), on ``device``."""
+    """The frozen trunk and its trainable MAP head (``trunk.attn_pool``, float32 weights), on ``device``."""
 
     trunk: torch.nn.Module
     head: torch.nn.Module
     device: torch.device
-    autocast: torch.dtype | None  # the trunk's autocast dtype; None: float32
+    autocast: torch.dtype | None  # autocast dtype of trunk and head; None: float32
     table: torch.Tensor  # uint8 -> normalised value, per channel (on device)
 
-    def _autocast(self, dtype: torch.dtype | None):
-        return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
-    @property
-    def head_autocast(self) -> torch.dtype | None:
-        """bf16 when the trunk runs in bf16; with fp16 the head trains in fp32 (no loss scaling needed)."""
-        return self.autocast if self.autocast == torch.bfloat16 else None
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None)
 
     @torch.no_grad()
     def tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 pixels [U, 3, H, W] -> the trunk's final post-LayerNorm tokens [U, T, D]."""
         pixels = normalize_uint8(pixels.to(self.device, non_blocking=True), self.table)
-        with self._autocast(self.autocast):
+        with self._autocast():
             return self.trunk.forward_features(pixels)
 
     def embed(self, item: dict[str, Any]) -> torch.Tensor:
@@ -101,31 +99,8 @@ class TrainModel:
         tokens = tokens.float()  # cached or not, the head sees the same values
         if tokens.shape[0] == 0:
             return torch.zeros((0, self.trunk.num_features), device=self.device)
-        with self._autocast(self.head_autocast):
+        with self._autocast():
             return self.head(tokens).float()
-
-
-def average_gradients(parameters: Sequence[torch.nn.Parameter], world: int) -> None:
-    """DDP's gradient averaging for the head, in one all-reduce (a missing gradient counts as zeros)."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world
-    for p, chunk in zip(parameters, flat.split([g.numel() for g in grads])):
-        p.grad = chunk.view_as(p).clone()
-
-
-def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The trunk's autocast dtype for ``precision`` on ``device``; None = float32."""
-    if precision == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def _precision_name(autocast: torch.dtype | None) -> str:
-    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast]
 
 
 # --- features and evaluation -----------------------------------------------------------------------
@@ -235,19 +210,18 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
     if not train_samples:
         raise ValueError("no training samples left after holding out the evaluation split")
     images = unique_images(train_samples + eval_samples)
-    rows = {image_source_key(image): n for n, image in enumerate(images)}
-    slots = sample_slots(train_samples, rows)
-    labels: dict[str, int] = {}
-    identities = np.array([labels.setdefault(s.id, len(labels)) for s in train_samples], dtype=np.int64)
-    logger.info("%d training samples (%d identities), %d held out, %d distinct images", len(train_samples),
-                len(labels), len(eval_samples), len(images))
+    plan = EpochPlan.from_samples(train_samples, {image_source_key(image): n for n, image in enumerate(images)},
+                                  config.mtg_repeat)
+    logger.info("%d training samples (%d identities, generators %s): %d per epoch; %d held out, %d distinct images",
+                len(train_samples), len(set(plan.labels.tolist())), ", ".join(plan.groups), len(plan),
+                len(eval_samples), len(images))
 
     checkpoint = resolve_checkpoint(config.base, config.revision, CHECKPOINT_FILES)
     trunk = load_checkpoint_trunk(checkpoint.folder, dtype=torch.float32, device="cpu", drop_text_tower=True)
     base_config = json.loads((checkpoint.folder / "config.json").read_text(encoding="utf-8"))
     preprocessor = json.loads((checkpoint.folder / "preprocessor_config.json").read_text(encoding="utf-8"))
     preprocess = PreprocessConfig.from_dict(preprocessor)
-    autocast = _autocast_dtype(config.precision, device)
+    autocast = autocast_dtype(config.precision, device)
     model = TrainModel(trunk, trunk.attn_pool, device, autocast, normalization_table(preprocess).to(device))
 
     failures: dict[str, str] = {}
@@ -255,43 +229,54 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
     if config.cache_dir:
         store, keys = _open_feature_cache(config, model, images, preprocess, checkpoint.folder, rank, world, show,
                                           failures)
-        lost = [n for n, key in enumerate(keys) if key is None or key not in store]
-        slots[np.isin(slots, lost)] = -1
+        plan = plan.without_images([n for n, key in enumerate(keys) if key is None or key not in store])
     else:
         trunk.to(device)
     head = model.head.to(device).train().requires_grad_(True)
     parameters = list(head.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
-    step, epoch, position, history = 0, 0, 0, []
+    steps_per_epoch = math.ceil(len(plan) / config.batch_size)
+    update = HeadUpdate(parameters, lr=config.lr, weight_decay=config.weight_decay, schedule=config.lr_schedule,
+                        warmup_steps=config.warmup_steps, total_steps=config.epochs * steps_per_epoch,
+                        grad_clip=config.grad_clip,
+                        scaler=torch.amp.GradScaler(device.type) if autocast == torch.float16 else None)
+    step, epoch, position, history, best = 0, 0, 0, [], None
     if state is not None:
         head.load_state_dict(state["head"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, epoch, position, history = state["step"], state["epoch"], state["batch"], state["history"]
+        update.load_state_dict(state)
+        step, epoch, position, history, best = (state[k] for k in ("step", "epoch", "batch", "history", "best"))
         logger.info("resumed %s at step %d (epoch %d, batch %d)", checkpoint_path, step, epoch + 1, position)
 
     eval_keys = {image_source_key(image): keys[n] for n, image in enumerate(images)} if store is not None else None
 
     def run_eval() -> None:
+        nonlocal best
         if rank == 0 and eval_samples:
             result = evaluate(model, eval_samples, preprocess=preprocess, store=store, keys=eval_keys,
                               num_workers=config.num_workers, progress=show)
             history.append({"epoch": epoch, "step": step, **result})
-            logger.info("epoch %d: held-out SSR %s, PA %s (%s samples)", epoch, _pct(result["SSR"]),
+            logger.info("step %d (epoch %d): held-out SSR %s, PA %s (%s samples)", step, epoch, _pct(result["SSR"]),
                         _pct(result["PA"]), result["n_samples"])
             _append_log(out, {"epoch": epoch, "step": step, "eval": result})
+            if result["SSR"] is not None and (best is None or result["SSR"] > best["SSR"]):
+                best = {"step": step, "epoch": epoch, "SSR": result["SSR"]}
+                _atomic_save(out / "best.pt", {"head": head.state_dict(), **best})
         _barrier(world)
 
     def save() -> None:
         if rank == 0:
-            _save_checkpoint(checkpoint_path, head, optimizer, step, epoch, position, history, config)
+            _atomic_save(checkpoint_path, {
+                "format": CHECKPOINT_FORMAT, "version": __version__, "step": step, "epoch": epoch, "batch": position,
+                "head": head.state_dict(), **update.state_dict(), "config": dataclasses.asdict(config),
+                "history": history, "best": best})
 
     out.mkdir(parents=True, exist_ok=True)
     if state is None:
-        run_eval()  # the untrained (base) head, epoch 0
+        run_eval()  # the untrained (base) head, step 0
     stopped = False
     started = time.perf_counter()
     while epoch < config.epochs and not stopped:
-        batches = epoch_batches(len(train_samples), config.batch_size, config.seed, epoch)
+        slots, identities = compose_epoch(plan, config.seed, epoch, shuffle_anchor=config.shuffle_anchor)
+        batches = epoch_batches(len(plan), config.batch_size, config.seed, epoch)
         shards = [np.array_split(b, world)[rank] for b in batches[position:]]
         batches_data = TrainingBatches(shards, slots, identities, images, preprocess, store, keys)
         loader = DataLoader(batches_data, batch_size=None,
@@ -304,19 +289,23 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
                         failures[str(images[row])] = reason
                         logger.warning("%s: %s (treated as missing)", images[row], reason)
                 loss, stats = batch_loss(model.embed(item), item["index"].to(device), item["identities"].to(device),
-                                         temperature=config.temperature, alpha=config.alpha)
-                optimizer.zero_grad()
-                loss.backward()
+                                         temperature=config.temperature, alpha=config.alpha,
+                                         tier1_mean=config.tier1_mean)
+                update.zero_grad()
+                update.backward(loss)
                 if world > 1:
                     average_gradients(parameters, world)
-                optimizer.step()
+                figures = {**{k: float(v) for k, v in stats.items()}, **update.step()}
+                if update.scaler is not None:
+                    figures["loss_scale"] = update.scaler.get_scale()
                 step, position = step + 1, position + 1
-                figures = {k: float(v) for k, v in stats.items()}
                 bar.update()
                 bar.set_postfix(loss=f"{figures['loss']:.4f}", acc1=f"{figures['tier1_acc']:.3f}",
                                 acc2=f"{figures['tier2_acc']:.3f}")
                 if rank == 0 and (step % config.log_every == 0 or position == len(batches)):
                     _append_log(out, {"epoch": epoch, "step": step, **figures})
+                if step % config.eval_every == 0 and position < len(batches):  # an epoch's end evaluates below
+                    run_eval()
                 if step % config.checkpoint_every == 0:
                     save()
                 if config.max_steps is not None and step >= config.max_steps:
@@ -329,18 +318,28 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
     summary = {"version": __version__, "base": checkpoint.source, "base_revision": checkpoint.revision,
                "steps": step, "epochs_done": epoch, "finished": epoch >= config.epochs,
                "seconds": time.perf_counter() - started, "train_samples": len(train_samples),
-               "eval_samples": len(eval_samples), "images": len(images), "history": history,
-               "failures": failures, "export": None}
+               "epoch_samples": len(plan), "eval_samples": len(eval_samples), "images": len(images),
+               "history": history, "best": best, "failures": failures, "export": None}
     if summary["finished"] and rank == 0:
-        final = out / "final"
-        export_checkpoint(trunk.cpu(), final, vision_config=VisionConfig.from_dict(base_config["vision_config"]),
-                          preprocessor_config=preprocessor, dtype=EXPORT_DTYPES[config.export_dtype])
-        (final / "training.json").write_text(json.dumps(
-            {"version": __version__, "base": checkpoint.source, "base_revision": checkpoint.revision,
-             "config": {k: getattr(config, k) for k in RUN_FIELDS}, "steps": step, "history": history}, indent=2),
-            encoding="utf-8")
-        summary["export"] = str(final)
-        logger.info("exported the trained head to %s", final)
+        record = {"version": __version__, "base": checkpoint.source, "base_revision": checkpoint.revision,
+                  "config": dataclasses.asdict(config),
+                  "resolved": {"precision": precision_name(autocast), "device": str(device), "world_size": world,
+                               "steps_per_epoch": steps_per_epoch},
+                  "steps": step, "history": history, "best": best}
+        heads = [("final", head.state_dict())]
+        if best is not None:
+            heads.append(("best", torch.load(out / "best.pt", map_location="cpu", weights_only=True)["head"]))
+        trunk.cpu()
+        for name, weights in heads:
+            head.load_state_dict(weights)
+            export_checkpoint(trunk, out / name, vision_config=VisionConfig.from_dict(base_config["vision_config"]),
+                              preprocessor_config=preprocessor, dtype=EXPORT_DTYPES[config.export_dtype])
+            (out / name / "training.json").write_text(json.dumps({**record, "head": name}, indent=2) + "\n",
+                                                      encoding="utf-8")
+        summary["export"] = str(out / "final")
+        summary["export_best"] = str(out / "best") if best is not None else None
+        logger.info("exported the last head to %s%s", out / "final",
+                    f" and the best (step {best['step']}, SSR {_pct(best['SSR'])}) to {out / 'best'}" if best else "")
     if rank == 0:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
@@ -352,7 +351,7 @@ def _open_feature_cache(config: TrainConfig, model: TrainModel, images: Sequence
     """Open the feature cache, fill in what it lacks (shared over ranks), and return it with each image's key."""
     trunk = model.trunk
     signature = (f"nearid-train trunk tokens|weights sha256:{checkpoint_sha256(base_folder / 'model.safetensors')}"
-                 f"|{preprocess}|compute:{_precision_name(model.autocast)}")
+                 f"|{preprocess}|compute:{precision_name(model.autocast)}")
     shape = (trunk.patch_embed.num_patches, trunk.num_features)
     dtype = np.dtype(STORE_DTYPES[config.cache_dtype])
     part_rows = max(1, (256 << 20) // (math.prod(shape) * dtype.itemsize))  # about 256 MiB per part
@@ -408,18 +407,14 @@ def _shared_content_keys(images: Sequence[ImageSource], rank: int, world: int, *
 def _check_resumable(state: dict[str, Any], config: TrainConfig, path: Path) -> None:
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: checkpoint format {state.get('format')!r}, this version reads {CHECKPOINT_FORMAT}")
-    differ = [k for k in RUN_FIELDS if state["config"].get(k) != getattr(config, k)]
+    differ = [k for k in run_fields(config) if state["config"].get(k) != getattr(config, k)]
     if differ:
         detail = ", ".join(f"{k}: {state['config'].get(k)!r} -> {getattr(config, k)!r}" for k in differ)
         raise ValueError(f"{path} belongs to a run with other settings ({detail}); use another --out")
 
 
-def _save_checkpoint(path: Path, head: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, epoch: int,
-                     position: int, history: list, config: TrainConfig) -> None:
-    """Write the resumable state atomically (a kill mid-write leaves the previous checkpoint)."""
-    state = {"format": CHECKPOINT_FORMAT, "version": __version__, "step": step, "epoch": epoch, "batch": position,
-             "head": head.state_dict(), "optimizer": optimizer.state_dict(),
-             "config": {k: getattr(config, k) for k in RUN_FIELDS}, "history": history}
+def _atomic_save(path: Path, state: dict[str, Any]) -> None:
+    """``torch.save`` atomically (a kill mid-write leaves the previous file)."""
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)

@@ -73,6 +73,7 @@ def two_tier_infonce(
     temperature: float = 0.07,
     alpha: float = 0.5,
     identities: torch.Tensor | None = None,
+    tier1_mean: str = "rows",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The NearID two-tier InfoNCE loss (spec section 5): ``(loss, stats)``.
 
@@ -98,15 +99,20 @@ def two_tier_infonce(
       identity (e.g. one object with two distractor sets), so their positives are not
       negatives of each other: an anchor's logits to the positives of *other* samples with its
       label are left out of both tiers. Default: every sample its own identity.
-    - Each tier is the mean over its rows/terms in the global batch, 0 when it has none
-      (no valid positive anywhere; no valid hard negative anywhere).
+    - Tier 2 is the mean over its terms in the global batch. Tier 1 is, with
+      ``tier1_mean="rows"``, the mean over its rows in the global batch; with ``"slots"`` (the
+      reference trainer's reduction), the mean over positive slots p of the mean over slot p's
+      rows, slots without a valid row anywhere left out. Either is 0 when it has no rows/terms
+      (no valid positive anywhere; no valid hard negative anywhere). Masked slots take no part in
+      either (the reference keeps padded slots' embeddings in its logits; docs/training.md).
     - total = tier1 + ``alpha`` * tier2.
 
     Under ``torch.distributed`` (initialised, world size W > 1) every rank must call this
     (and later ``backward``) with the same P, K and D; batch sizes may differ. Each rank's
     anchors see all ranks' positives, and the returned loss on rank r is
     ``W * (tier-1 sum of r's rows / global tier-1 rows + alpha * tier-2 sum of r's terms /
-    global tier-2 terms)``. So the mean over ranks of the returned losses equals the
+    global tier-2 terms)`` (with ``"slots"``, r's tier-1 sum per slot divided by the slot's global
+    rows and by the number of slots with rows). So the mean over ranks of the returned losses equals the
     one-process loss on the concatenated batch, and with gradients averaged over ranks
     (DDP's default) every parameter gets exactly the one-process gradient. In one process
     the loss is the plain total.
@@ -127,6 +133,8 @@ def two_tier_infonce(
                          f"[B, P] = {tuple(positives.shape[:2])}, [B, K] = {tuple(negatives.shape[:2])}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if tier1_mean not in ("rows", "slots"):
+        raise ValueError(f"tier1_mean must be rows or slots, got {tier1_mean!r}")
     pos_mask, neg_mask = pos_mask.bool(), neg_mask.bool()
     device = anchor.device
     if identities is None:
@@ -164,16 +172,22 @@ def two_tier_infonce(
         tier2 = (torch.logaddexp(neg_logits, pooled) - neg_logits).where(neg_mask, 0)
         hits2 = (neg_logits > pooled) & neg_mask
 
-        sums = torch.stack([tier1.sum(), tier2.sum()])
-        counts = torch.stack([pos_mask.sum(), neg_mask.sum(), hits1.sum(), hits2.sum()]).to(dtype)
+        sums = torch.cat([tier1.sum(0), tier2.sum()[None]])  # per positive slot [P], then tier 2
+        counts = torch.cat([pos_mask.sum(0), torch.stack([neg_mask.sum(), hits1.sum(), hits2.sum()])]).to(dtype)
         totals = torch.cat([sums.detach(), counts])  # summed over ranks below
         world = 1
         if _distributed():
             dist.all_reduce(totals)
             world = dist.get_world_size()
-        sum1, sum2, rows1, rows2, right1, right2 = totals
-        tier1_loss, tier2_loss = sum1 / rows1.clamp(min=1), sum2 / rows2.clamp(min=1)
-        loss = world * (sums[0] / rows1.clamp(min=1) + alpha * sums[1] / rows2.clamp(min=1))
+        slot_rows, (rows2, right1, right2) = totals[slots + 1:2 * slots + 1], totals[2 * slots + 1:]
+        rows1 = slot_rows.sum()
+        if tier1_mean == "rows":  # every row weighs 1 / rows
+            weights = (1 / rows1.clamp(min=1)).expand(slots)
+        else:  # every slot with rows weighs 1 / slots with rows, shared by its rows
+            filled = slot_rows > 0
+            weights = filled / (slot_rows.clamp(min=1) * filled.sum().clamp(min=1))
+        tier1_loss, tier2_loss = totals[:slots] @ weights, totals[slots] / rows2.clamp(min=1)
+        loss = world * (sums[:slots] @ weights + alpha * sums[slots] / rows2.clamp(min=1))
     stats = {
         "loss": tier1_loss + alpha * tier2_loss,
         "tier1": tier1_loss,
@@ -187,7 +201,7 @@ def two_tier_infonce(
 
 
 def batch_loss(embeddings: torch.Tensor, index: torch.Tensor, identities: torch.Tensor, *, temperature: float,
-               alpha: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               alpha: float, tier1_mean: str = "rows") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`two_tier_infonce` of one batch: ``embeddings`` [U, D] of its images, ``index`` [b, 6]
     (rows of ``embeddings`` in :data:`SLOTS` order, -1 = missing), ``identities`` [b].
 
@@ -200,4 +214,4 @@ def batch_loss(embeddings: torch.Tensor, index: torch.Tensor, identities: torch.
         embeddings = embeddings.new_zeros((1, embeddings.shape[1])).requires_grad_()
     rows = embeddings[index.clamp(min=0)]  # [b, 6, D]
     return two_tier_infonce(rows[:, 0], rows[:, 1:3], rows[:, 3:], valid[:, 1:3], valid[:, 3:],
-                            temperature=temperature, alpha=alpha, identities=identities)
+                            temperature=temperature, alpha=alpha, identities=identities, tier1_mean=tier1_mean)
