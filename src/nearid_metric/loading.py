@@ -133,8 +133,10 @@ def load_batches(dataset: PreprocessedImages, batches: Sequence[list[int]],
                 handle(batch)
                 done += 1
             return crashed
-        except RuntimeError as e:
-            if "DataLoader worker" not in str(e):  # torch's message when a worker process dies
+        except (RuntimeError, ConnectionResetError) as e:
+            # torch's message when a worker process dies; or the reset of the socket a dying worker was
+            # passing a tensor's file descriptor through
+            if isinstance(e, RuntimeError) and "DataLoader worker" not in str(e):
                 raise
         suspects = pending[done:done + num_workers * PREFETCH + 1]  # in flight, or being handled
         pending = pending[done + len(suspects):]
