@@ -92,7 +92,8 @@ def read_run(path: str | os.PathLike) -> Run:
                              f"on line {seen[key]}; pairs must be unique to be matched")
         seen[key] = line
     try:
-        scores = {c: np.array([float(r[c]) for r in rows], dtype=np.float64) for c in model_columns}
+        scores = {c: np.array([float(r[c]) if r[c] != "" else math.nan for r in rows], dtype=np.float64)
+                  for c in model_columns}  # an empty cell: that model has no score for the pair (clip-t without prompt)
     except ValueError as e:
         raise ValueError(f"{scores_file}: a score is not a number ({e})") from None
     others = {c: [r[c] for r in rows] for c in header if c not in model_columns}
@@ -158,10 +159,15 @@ def compare_runs(run_a: Run, run_b: Run, *, groups: str = "none", allow_differen
                            "signatures_differ": differ, "models": {}}
     for model in shared:
         a, b = run_a.scores[model][rows_a], run_b.scores[model][rows_b]
+        both = np.isfinite(a) & np.isfinite(b)  # pairs one run could not score for this model are left out
+        a, b = a[both], b[both]
+        model_labels = None if labels is None else [label for label, keep in zip(labels, both) if keep]
         low = high = math.nan
-        if resamples is not None:
-            low, high = bootstrap_ci(b - a, groups=labels, resamples=resamples, seed=seed, level=CI_LEVEL)
-        out["models"][model] = {"mean_a": float(a.mean()), "mean_b": float(b.mean()), "diff": float((b - a).mean()),
+        if resamples is not None and len(a):
+            low, high = bootstrap_ci(b - a, groups=model_labels, resamples=resamples, seed=seed, level=CI_LEVEL)
+        out["models"][model] = {"mean_a": float(a.mean()) if len(a) else None,
+                                "mean_b": float(b.mean()) if len(b) else None,
+                                "diff": float((b - a).mean()) if len(a) else None,
                                 "ci95": None if math.isnan(low) else [low, high], "win_rate": win_rate(a, b),
                                 "n": len(a), "signature_a": run_a.signatures[model],
                                 "signature_b": run_b.signatures[model]}
@@ -176,6 +182,9 @@ def format_comparison(result: Mapping[str, Any]) -> str:
     lines = [header]
     for model, r in result["models"].items():
         ci = "n/a" if r["ci95"] is None else f"[{r['ci95'][0]:+.4f},{r['ci95'][1]:+.4f}]"
+        if not r["n"]:
+            lines.append([model, "n/a", "n/a", "n/a", ci, "n/a", "0"])
+            continue
         lines.append([model, f"{r['mean_a']:.4f}", f"{r['mean_b']:.4f}", f"{r['diff']:+.4f}", ci,
                       f"{100 * r['win_rate']:.1f}%", str(r["n"])])
     widths = [max(len(line[k]) for line in lines) for k in range(len(header))]

@@ -79,14 +79,22 @@ def write_csv_rows(f: IO[str], header: Sequence[str], rows: Iterable[Sequence[An
 
 
 def write_scores(out: str | os.PathLike, pairs: Sequence[tuple[str, str]], scores: Mapping[str, Sequence[float]],
-                 summary: Mapping[str, Any]) -> None:
-    """``nearid-score``'s files in ``out`` (created): ``scores.csv`` (ref, gen, one column per model, 8
-    decimals) and ``summary.json``. Both are written in full before either replaces a file, so a
-    failed write (a full disk) leaves neither new file, never one without the other or a truncated one."""
+                 summary: Mapping[str, Any], labels: Mapping[str, Sequence[str]] | None = None) -> None:
+    """``nearid-score``'s files in ``out`` (created): ``scores.csv`` (ref, gen, the ``labels`` columns such as
+    ``subject``, one column per model with 8 decimals, empty where a model has no score) and ``summary.json``.
+    Both are written in full before either replaces a file, so a failed write (a full disk) leaves neither
+    new file, never one without the other or a truncated one."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    labels = labels or {}
     text = json_text(summary)
+
+    def number(value: float) -> str:
+        return "" if math.isnan(value) else f"{value:.8f}"
+
     with atomic_write(out / "summary.json") as summary_file, atomic_write(out / "scores.csv", newline="") as f:
-        write_csv_rows(f, ["ref", "gen", *scores], ([ref, gen, *(f"{values[i]:.8f}" for values in scores.values())]
-                                                    for i, (ref, gen) in enumerate(pairs)))
+        write_csv_rows(f, ["ref", "gen", *labels, *scores],
+                       ([ref, gen, *(column[i] for column in labels.values()),
+                         *(number(float(values[i])) for values in scores.values())]
+                        for i, (ref, gen) in enumerate(pairs)))
         summary_file.write(text)

@@ -96,7 +96,9 @@ def render_report(pairs: Sequence[tuple[str, str]], scores: Mapping[str, np.ndar
     require_matplotlib()
     thumbs = _Thumbnails()
     values = {model: np.asarray(v, dtype=np.float64) for model, v in scores.items()}
+    pair_values = {model: v for model, v in values.items() if np.isfinite(v).all()}  # clip-t may lack prompts
     ref_root, gen_root = summary.get("ref", ""), summary.get("gen", "")
+    protocol = summary.get("protocol")
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -106,12 +108,16 @@ def render_report(pairs: Sequence[tuple[str, str]], scores: Mapping[str, np.ndar
         "<h1>nearid-score report</h1>",
         f'<p class="muted">references <span class="mono">{_e(ref_root)}</span>, generations '
         f'<span class="mono">{_e(gen_root)}</span>, pairing <b>{_e(summary.get("pairing", "?"))}</b>; '
-        f"nearid-metric {_e(__version__)}. Scores are cosine similarities in [-1, 1]; higher means the "
-        f"identity of the reference object is better kept.</p>",
+        f"nearid-metric {_e(__version__)}. Scores are cosine similarities in [-1, 1] (unless a protocol "
+        f"scales them: see the scale of each model); higher means the identity of the reference object is "
+        f"better kept (for clip-t: the image matches its prompt).</p>",
+        f'<p>Protocol <b id="protocol">{_e(protocol["name"])}</b>: {_e(protocol["title"])}, aggregation '
+        f'{_e(protocol["aggregation"])}.</p>' if protocol else "",
         _counts(summary),
         _summary_section(values, summary),
-        _distribution_section(values, summary),
-        _extremes_section(pairs, values, ref_root, gen_root, thumbs, extremes),
+        _subjects_section(summary),
+        _distribution_section(pair_values, summary),
+        _extremes_section(pairs, pair_values, ref_root, gen_root, thumbs, extremes),
         _problems_section(summary),
         '<p class="muted">Static page: no scripts, no external resources. How to read it: docs/report.md of '
         "nearid-metric.</p>",
@@ -159,6 +165,36 @@ def _summary_section(values: Mapping[str, np.ndarray], summary: Mapping[str, Any
         f'<p class="muted">{_e(describe_ci(ci))}. std is the spread of the pair scores (ddof 1)'
         + ("; the interval is the uncertainty of the mean.</p>" if ci else ".</p>"),
         "<h3>How to cite</h3>", *cites,
+    ])
+
+
+def _subjects_section(summary: Mapping[str, Any]) -> str:
+    """The per-subject table (mean, and the real-vs-real ceiling where scored) with the macro and micro rows."""
+    subjects, models = summary.get("subjects"), summary.get("models", {})
+    if not subjects:
+        return ""
+    columns = [m for m in models if any(m in entries for entries in subjects.values())]
+
+    def cell(entry: Mapping[str, Any] | None) -> str:
+        if not entry:
+            return '<td class="num">-</td>'
+        ceiling = entry.get("ceiling")
+        extra = f' <span class="muted">/ {_number(ceiling, DIGITS)}</span>' if ceiling is not None else ""
+        return f'<td class="num">{_number(entry.get("mean"), DIGITS)}{extra}</td>'
+
+    head = "<tr><th>subject</th><th class=\"num\">n</th>" + "".join(f'<th class="num">{_e(m)}</th>' for m in columns)
+    rows = [f'<tr data-subject="{_e(subject)}"><td>{_e(subject)}</td>'
+            f'<td class="num">{max(e.get("n", 0) for e in entries.values())}</td>'
+            + "".join(cell(entries.get(m)) for m in columns) + "</tr>" for subject, entries in subjects.items()]
+    for kind in ("macro", "micro"):
+        rows.append(f'<tr class="total" data-subject="{kind}"><td><b>{kind}</b></td><td class="num"></td>'
+                    + "".join(cell(models[m].get(kind)) for m in columns) + "</tr>")
+    return "\n".join([
+        "<h2>Per subject</h2>",
+        f"<table>{head}</tr>{''.join(rows)}</table>",
+        '<p class="muted">Mean per subject (over its generation x reference pairs); after the slash, the '
+        "subject's real-vs-real ceiling (different references of it) where --ceiling was given. macro: the "
+        "mean over subjects (interval by resampling subjects); micro: the mean over pairs.</p>",
     ])
 
 

@@ -286,24 +286,17 @@ def check_finite(embeddings: torch.Tensor, name: str) -> torch.Tensor:
     return embeddings
 
 
-def score_pairs(
+def embed_pairs(
     scorers: Sequence[Scorer],
     pairs: Sequence[tuple[ImageInput, ImageInput]],
-    *,
-    batch_size: int | None = None,
-    num_workers: int = 0,
-    progress: bool | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    distributed: bool = False,
-) -> tuple[list[torch.Tensor], torch.Tensor, dict[str, str]]:
-    """Cosines of (reference, generation) pairs for several scorers, each distinct image embedded once.
+    **embed_kwargs,
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, dict[str, str]]:
+    """Embed the distinct images of ``pairs`` once per scorer (:func:`embed_images` takes ``embed_kwargs``).
 
-    A file reached through several paths (e.g. a symlink) is hashed once; images with the same
-    content are decoded and embedded once (:func:`embed_images`, which also takes
-    ``batch_size``, ``num_workers``, ``progress``, ``cache_dir`` and ``distributed``). Returns one
-    float32 tensor [P] per scorer (NaN for a pair with an unreadable side), the mask [P] of
-    scored pairs (the same for every scorer) and ``{image: reason}`` for the unreadable images,
-    in order of first appearance.
+    Returns the embeddings per scorer [U, D_k] of the U distinct images, the row of each pair's
+    reference and generation [P] in them, the mask [P] of pairs whose both sides were read, and
+    ``{image: reason}`` for the unreadable images, in order of first appearance. A file reached
+    through several paths (e.g. a symlink) is one image.
     """
     rows: dict[object, int] = {}
     images: list[ImageInput] = []
@@ -320,13 +313,36 @@ def score_pairs(
 
     refs = torch.tensor([row(ref) for ref, _ in pairs], dtype=torch.long)
     gens = torch.tensor([row(gen) for _, gen in pairs], dtype=torch.long)
-    embeddings, failed = embed_images(scorers, images, batch_size=batch_size, num_workers=num_workers,
-                                      progress=progress, cache_dir=cache_dir, distributed=distributed)
+    embeddings, failed = embed_images(scorers, images, **embed_kwargs)
     bad = torch.zeros(len(images), dtype=torch.bool)
     bad[list(failed)] = True
     scored = ~(bad[refs] | bad[gens])
+    return embeddings, refs, gens, scored, {str(images[i]): reason for i, reason in sorted(failed.items())}
+
+
+def score_pairs(
+    scorers: Sequence[Scorer],
+    pairs: Sequence[tuple[ImageInput, ImageInput]],
+    *,
+    batch_size: int | None = None,
+    num_workers: int = 0,
+    progress: bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    distributed: bool = False,
+) -> tuple[list[torch.Tensor], torch.Tensor, dict[str, str]]:
+    """Cosines of (reference, generation) pairs for several scorers, each distinct image embedded once.
+
+    Images with the same content are decoded and embedded once (:func:`embed_pairs`,
+    :func:`embed_images`, which also take ``batch_size``, ``num_workers``, ``progress``,
+    ``cache_dir`` and ``distributed``). Returns one float32 tensor [P] per scorer (NaN for a pair
+    with an unreadable side), the mask [P] of scored pairs (the same for every scorer) and
+    ``{image: reason}`` for the unreadable images, in order of first appearance.
+    """
+    embeddings, refs, gens, scored, failures = embed_pairs(
+        scorers, pairs, batch_size=batch_size, num_workers=num_workers, progress=progress, cache_dir=cache_dir,
+        distributed=distributed)
     scores = [torch.where(scored, (emb[refs] * emb[gens]).sum(-1), float("nan")) for emb in embeddings]
-    return scores, scored, {str(images[i]): reason for i, reason in sorted(failed.items())}
+    return scores, scored, failures
 
 
 def check_precision(precision: str) -> None:

@@ -11,14 +11,16 @@ import difflib
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 from nearid_metric._version import __version__
 from nearid_metric.hub import ChecksumError, HubUnreachableError, registry
 from nearid_metric.scorer import PRECISIONS, Scorer
+from nearid_metric.preprocess import PreprocessConfig
 from nearid_metric.scorers import create_scorer, list_scorers
+from nearid_metric.text import TEXT_SCORERS, TextScorer, create_text_scorer
 from nearid_metric.stats import BOOTSTRAP_RESAMPLES
 
 logger = logging.getLogger("nearid_metric")
@@ -116,7 +118,7 @@ def add_ci_arguments(parser: argparse.ArgumentParser, *, groups: bool) -> None:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The model, device and batching flags shared by every command that embeds images."""
     parser.add_argument("--model", default="nearid",
-                        help=f"comma-separated scorers: {', '.join(list_scorers())}; NAME=WEIGHTS picks other "
+                        help=f"comma-separated scorers: {', '.join(list_scorers())} (nearid-score also: {', '.join(TEXT_SCORERS)}); NAME=WEIGHTS picks other "
                              f"weights (local folder, registry name or Hub repo id); a bare folder or repo id "
                              f"means nearid with those weights (default: nearid)")
     parser.add_argument("--revision", help="Hub revision (branch, tag or commit) of the weights; one model only")
@@ -134,11 +136,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def parse_models(spec: str) -> list[tuple[str, str, str | None]]:
+def parse_models(spec: str, *, text: bool = True) -> list[tuple[str, str, str | None]]:
     """``--model`` -> ``[(column, scorer name, weights or None)]``.
 
     Items are ``NAME``, ``NAME=WEIGHTS`` or (for NearID) a bare folder / repo id. The column
-    is the scorer name, or the item as written when one scorer appears more than once.
+    is the scorer name, or the item as written when one scorer appears more than once. ``text=False``:
+    text scorers (clip-t), which score an image against a prompt, are refused.
     """
     items = [item.strip() for item in spec.split(",") if item.strip()]
     if not items:
@@ -146,7 +149,10 @@ def parse_models(spec: str) -> list[tuple[str, str, str | None]]:
     models = []
     for item in items:
         name, _, weights = item.partition("=")
-        if name in list_scorers():
+        if name in TEXT_SCORERS and not text:
+            raise ValueError(f"{name} scores a generation against its prompt; this command scores image pairs only "
+                             f"(nearid-score reads prompts)")
+        if name in known_scorers():
             models.append((item, name, weights or None))
         elif "=" in item or not _names_weights(item):
             raise ValueError(unknown_scorer_message(name))
@@ -159,6 +165,11 @@ def parse_models(spec: str) -> list[tuple[str, str, str | None]]:
     return models
 
 
+def known_scorers() -> list[str]:
+    """Every ``--model`` scorer name: the image scorers, then the text (clip-t) scorers."""
+    return [*list_scorers(), *TEXT_SCORERS]
+
+
 def _names_weights(item: str) -> bool:
     """Whether a bare ``--model`` item that is not a scorer name names NearID weights: an existing path, a path
     (``.``, ``/`` or ``~`` first), a Hub repo id (``org/name``) or a registry name."""
@@ -167,23 +178,36 @@ def _names_weights(item: str) -> bool:
 
 def unknown_scorer_message(name: str) -> str:
     """``unknown scorer 'dino' in --model; did you mean 'dinov2'? Scorers: ...`` (closest match by difflib)."""
-    close = difflib.get_close_matches(name, [*list_scorers(), *registry()], n=1, cutoff=0.5)
+    close = difflib.get_close_matches(name, [*known_scorers(), *registry()], n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else ";"
-    return (f"unknown scorer {name!r} in --model{hint} scorers: {', '.join(list_scorers())} "
+    return (f"unknown scorer {name!r} in --model{hint} scorers: {', '.join(known_scorers())} "
             f"(or weights: a folder, a registry name or a Hub repo id org/name)")
 
 
-def load_scorers(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Scorer]:
-    """Build the ``--model`` scorers, by column name; bad specs are usage errors, refused weights exit 1."""
+def build_scorer(args: argparse.Namespace, name: str, weights: str | None,
+                 preprocess: PreprocessConfig | None) -> Scorer | TextScorer:
+    """One ``--model`` scorer with the device, precision and compile flags of ``args``."""
+    options = dict(pretrained=weights, revision=args.revision, device=args.device, precision=args.precision,
+                   preprocess=preprocess)
+    if name in TEXT_SCORERS:
+        return create_text_scorer(name, **options)
+    return create_scorer(name, compile=args.compile, **options)
+
+
+def load_scorers(args: argparse.Namespace, parser: argparse.ArgumentParser,
+                 preprocess: Mapping[str, PreprocessConfig] | None = None, *,
+                 text: bool = False) -> dict[str, Scorer | TextScorer]:
+    """Build the ``--model`` scorers, by column name; bad specs are usage errors, refused weights exit 1.
+    ``preprocess``: scorer name -> a preprocessing replacing its weights' own (a protocol's); ``text``: accept
+    text scorers (clip-t)."""
     try:
-        models = parse_models(args.model)
+        models = parse_models(args.model, text=text)
     except ValueError as e:
         parser.error(str(e))
     if args.revision is not None and len(models) > 1:
         parser.error("--revision applies to one model; pin each model's weights with NAME=FOLDER instead")
     try:
-        return {column: create_scorer(name, pretrained=weights, revision=args.revision, device=args.device,
-                                      precision=args.precision, compile=args.compile)
+        return {column: build_scorer(args, name, weights, (preprocess or {}).get(name))
                 for column, name, weights in models}
     except ChecksumError as e:  # weights that differ from the recorded hash: a message, not a traceback
         logger.error("%s", e)

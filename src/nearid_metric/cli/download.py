@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)} (to score a reference folder named 'download', "
                      f"write ./download)")
     try:
-        models = parse_models(args.model)
+        models = parse_models(args.model, text=False)
     except ValueError as e:
         parser.error(str(e))
     if len(models) > 1 and (args.revision or args.to):

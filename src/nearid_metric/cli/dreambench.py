@@ -143,7 +143,7 @@ def _model_folders(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     """{--model column: score folder name}, checked before any data is read."""
     args.model = args.model or "nearid"
     try:
-        columns = [column for column, _, _ in parse_models(args.model)]
+        columns = [column for column, _, _ in parse_models(args.model, text=False)]
     except ValueError as e:
         parser.error(str(e))
     folders = {column: re.sub(r"[^\w.=+-]+", "_", column).strip("._") or "scorer" for column in columns}

@@ -24,6 +24,7 @@ from nearid_metric.cli.common import (
     command_parser,
     load_scorers,
     logger,
+    parse_models,
     positive_int,
     run_command,
 )
@@ -33,11 +34,22 @@ from nearid_metric.distributed import (
     process_group,
     rank_and_world,
 )
+from nearid_metric.calibration import ceiling_pairs
 from nearid_metric.outputs import plural, write_scores
-from nearid_metric.pairing import Pairing, pair_all, pair_by_name, pair_from_manifest, read_manifest
+from nearid_metric.pairing import (
+    Pairing,
+    pair_all,
+    pair_by_name,
+    pair_by_subject,
+    pair_from_manifest,
+    pair_subjects_from_manifest,
+    read_manifest,
+)
+from nearid_metric.prompts import lookup_prompts, read_prompts
+from nearid_metric.protocols import PROTOCOLS, Protocol, ProtocolInputs, protocol_inputs, scale_scores
 from nearid_metric.report import describe_ci
-from nearid_metric.scorer import Scorer, score_pairs
-from nearid_metric.stats import mean_ci, summarize
+from nearid_metric.runs import AnyScorer, is_text_scorer, run_summary, score_run
+from nearid_metric.text import TEXT_SCORERS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,12 +59,28 @@ def build_parser() -> argparse.ArgumentParser:
         "images to reference images.",
     )
     parser.add_argument("ref", type=Path, help="reference image folder (searched recursively) or file")
-    parser.add_argument("gen", type=Path, help="generated image folder (searched recursively) or file")
-    parser.add_argument("--pairing", choices=["name", "all", "manifest"], default="name",
+    parser.add_argument("gen", type=Path, nargs="?",
+                        help="generated image folder (searched recursively) or file (with --protocol dreambench, "
+                             "REF is the run folder and GEN is left out)")
+    parser.add_argument("--pairing", choices=["name", "all", "subject", "manifest"],
                         help="name: same relative path without extension (default); all: every ref x every gen; "
-                             "manifest: pairs listed in --manifest")
-    parser.add_argument("--manifest", type=Path, help="CSV with columns ref,gen (paths relative to REF and GEN)")
+                             "subject: every gen x every ref of the same subject (the first folder level under REF "
+                             "and GEN, or a manifest 'subject' column); manifest: pairs listed in --manifest")
+    parser.add_argument("--manifest", type=Path,
+                        help="CSV with columns ref,gen (paths relative to REF and GEN); optional columns subject "
+                             "(per-subject figures) and prompt (clip-t)")
+    protocols = parser.add_argument_group("benchmark protocols")
+    protocols.add_argument("--protocol", choices=list(PROTOCOLS),
+                           help="score as that benchmark's published procedure (scorers, preprocessing, scaling, "
+                                "pairing, layout, aggregation; docs/protocols.md)")
+    protocols.add_argument("--prompts", type=Path, metavar="FILE",
+                           help="the prompt of each generation, for clip-t: CSV gen,prompt or JSON {gen: prompt} "
+                                "(gen: its path relative to GEN, with or without extension)")
+    protocols.add_argument("--ceiling", action="store_true",
+                           help="also score every ordered pair of two different references of each subject (the "
+                                "real-vs-real ceiling, DreamBooth's 'Real images' row); needs subject pairing")
     add_model_arguments(parser)
+    parser.set_defaults(model=None)
     parser.add_argument("--max-pixels", type=positive_int, metavar="N",
                         help=f"refuse images with more pixels as possible decompression bombs (default: PIL's "
                              f"{Image.MAX_IMAGE_PIXELS})")
@@ -71,19 +99,73 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def make_pairing(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Pairing:
-    for root in (args.ref, args.gen):
-        if not root.exists():
+def apply_protocol(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Protocol | None:
+    """The ``--protocol`` preset with its settings put into ``args``; a flag the user gave that the preset
+    sets differently is a usage error (never silently changed)."""
+    if args.protocol is None:
+        args.pairing, args.model = args.pairing or "name", args.model or "nearid"
+        if args.gen is None:
+            parser.error("the following arguments are required: gen")
+        return None
+    protocol = PROTOCOLS[args.protocol]
+    pairing = "name" if protocol.layout == "dreambench-run" else "subject"
+    if args.pairing not in (None, pairing):
+        parser.error(f"--protocol {protocol.name} pairs by {pairing}; drop --pairing {args.pairing}")
+    if args.manifest is not None:
+        parser.error(f"--protocol {protocol.name} reads its own layout; drop --manifest")
+    if args.model is not None:
+        try:
+            names = [name for _, name, _ in parse_models(args.model)]
+        except ValueError as e:
+            parser.error(str(e))
+        if sorted(names) != sorted(c.scorer for c in protocol.columns):
+            parser.error(f"--protocol {protocol.name} scores {protocol.model_spec}; --model may only point those "
+                         f"scorers at other weights (NAME=FOLDER), got {args.model!r}")
+    args.pairing, args.model = pairing, args.model or protocol.model_spec
+    return protocol
+
+
+def make_inputs(args: argparse.Namespace, parser: argparse.ArgumentParser, protocol: Protocol | None,
+                needs_prompts: bool) -> ProtocolInputs:
+    """The pairs (with subjects), prompts and categories to score; usage errors for bad inputs."""
+    for root in (args.ref, args.gen) if protocol is None or protocol.layout != "concepts" else (args.gen,):
+        if root is not None and not root.exists():
             parser.error(f"{root} does not exist")
-    if args.pairing == "manifest":
+    try:
+        if protocol is not None:
+            inputs = protocol_inputs(protocol, args.ref, args.gen, prompts_file=args.prompts)
+        else:
+            pairing = make_pairing(args, parser)
+            inputs = ProtocolInputs(pairing, None, None, args.ref, args.gen)
+            if args.prompts is not None:
+                inputs.prompts = lookup_prompts([g for _, g in pairing.pairs], args.gen, read_prompts(args.prompts))
+                inputs.prompt_source = str(args.prompts)
+            elif args.pairing == "manifest" and needs_prompts:
+                columns, rows = read_manifest(args.manifest)
+                if "prompt" in columns:
+                    inputs.prompts = [row["prompt"] if row["prompt"] else None for row in rows]
+                    inputs.prompt_source = f"{args.manifest} (prompt column)"
+    except (OSError, ValueError) as e:
+        parser.error(str(e))
+    if needs_prompts and inputs.prompts is None:
+        parser.error("clip-t scores each generation against its prompt: give --prompts FILE (CSV gen,prompt or JSON "
+                     "{gen: prompt}) or a manifest 'prompt' column")
+    if args.ceiling and inputs.pairing.subjects is None:
+        parser.error("--ceiling needs subjects: --pairing subject, or a manifest 'subject' column")
+    return inputs
+
+
+def make_pairing(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Pairing:
+    if args.pairing == "manifest" or (args.pairing == "subject" and args.manifest is not None):
         if args.manifest is None:
             parser.error("--pairing manifest needs --manifest FILE")
-        try:
-            return pair_from_manifest(args.manifest, args.ref, args.gen)
-        except (OSError, ValueError) as e:
-            parser.error(str(e))
+        if args.pairing == "subject":
+            return pair_subjects_from_manifest(args.manifest, args.ref, args.gen)
+        return pair_from_manifest(args.manifest, args.ref, args.gen)
     if args.manifest is not None:
-        parser.error("--manifest is only used with --pairing manifest")
+        parser.error("--manifest is only used with --pairing manifest or subject")
+    if args.pairing == "subject":
+        return pair_by_subject(args.ref, args.gen)
     return pair_all(args.ref, args.gen) if args.pairing == "all" else pair_by_name(args.ref, args.gen)
 
 
@@ -93,6 +175,10 @@ def ci_groups(args: argparse.Namespace, parser: argparse.ArgumentParser, pairing
         return None
     if args.ci_groups == "ref":
         return [str(ref) for ref, _ in pairing.pairs]
+    if args.ci_groups == "subject":
+        if pairing.subjects is None:
+            parser.error("--ci-groups subject needs subjects: --pairing subject, or a manifest 'subject' column")
+        return list(pairing.subjects)
     if args.pairing != "manifest":
         parser.error(f"--ci-groups {args.ci_groups}: a column name needs --pairing manifest (or use none or ref)")
     columns, rows = read_manifest(args.manifest)
@@ -113,6 +199,8 @@ def report_problems(pairing: Pairing, failures: dict[str, str]) -> None:
         logger.warning("skipped folder %s: %s", folder, reason)
     for message in pairing.ambiguous:
         logger.warning("ambiguous: %s", message)
+    for message in pairing.subject_problems:
+        logger.warning("%s", message)
     for side, paths in (("reference", pairing.unmatched_refs), ("generated", pairing.unmatched_gens)):
         for path in paths:
             logger.warning("unmatched %s image: %s (no file with the same name on the other side)", side, path)
@@ -146,13 +234,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_pixels is not None:
         Image.MAX_IMAGE_PIXELS = args.max_pixels  # PIL's decompression-bomb limit (loader workers take it along)
 
+    protocol = apply_protocol(args, parser)
+    try:
+        needs_prompts = any(name in TEXT_SCORERS for _, name, _ in parse_models(args.model))
+    except ValueError as e:
+        parser.error(str(e))
+    if args.prompts is not None and not needs_prompts:
+        parser.error("--prompts is read by clip-t only; add clip-t to --model")
+
     def command() -> int:
-        pairing = make_pairing(args, parser)
-        args.groups = ci_groups(args, parser, pairing)
+        inputs = make_inputs(args, parser, protocol, needs_prompts)
+        args.groups = ci_groups(args, parser, inputs.pairing)
+        preprocess = {} if protocol is None else {c.scorer: c.preprocess for c in protocol.columns if c.preprocess}
         with process_group(args.device) if args.distributed else nullcontext(None) as device:
             if device is not None:
                 args.device = str(device)
-            return run(args, pairing, load_scorers(args, parser))
+            return run(args, inputs, load_scorers(args, parser, preprocess, text=True), protocol)
 
     return run_command("nearid-score", command)
 
@@ -170,60 +267,126 @@ def check_outputs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         check_output_folder(args.report.parent, "--report's folder", parser)
 
 
-def run(args: argparse.Namespace, pairing: Pairing, scorers: dict[str, Scorer]) -> int:
+def run(args: argparse.Namespace, inputs: ProtocolInputs, scorers: dict[str, AnyScorer],
+        protocol: Protocol | None = None) -> int:
     """Embed every distinct image once (all models in one pass), score the pairs, report, write outputs.
 
     Under ``--distributed`` every rank takes part and returns the exit code; only rank 0
     reports and writes.
     """
-    values, ok, failures = score_pairs(list(scorers.values()), pairing.pairs, batch_size=args.batch_size,
-                                       num_workers=args.num_workers, progress=False if args.no_progress else None,
-                                       cache_dir=args.cache, distributed=args.distributed)
+    pairing = inputs.pairing
+    real = ceiling_pairs(pairing.subject_refs) if args.ceiling else []
+    result = score_run(scorers, pairing.pairs, prompts=inputs.prompts, extra_pairs=[(a, b) for _, a, b in real],
+                       batch_size=args.batch_size, num_workers=args.num_workers,
+                       progress=False if args.no_progress else None, cache_dir=args.cache,
+                       distributed=args.distributed)
+    ok = result.scored
     scored = [pair for pair, good in zip(pairing.pairs, ok.tolist()) if good]
-    problems = failures or pairing.unmatched_refs or pairing.unmatched_gens or pairing.ambiguous
+    problems = result.failures or pairing.unmatched_refs or pairing.unmatched_gens or pairing.ambiguous
     code = EXIT_NOTHING_SCORED if not scored or (args.strict and problems) else EXIT_OK
     if rank_and_world(args.distributed)[0] > 0:
         return code
-    scores = {column: v[ok].numpy() for column, v in zip(scorers, values)}
-    groups = getattr(args, "groups", None)
-    groups = None if groups is None else [label for label, good in zip(groups, ok.tolist()) if good]
-    report_problems(pairing, failures)
-
+    report_problems(pairing, result.failures)
+    text_columns = [column for column, scorer in scorers.items() if is_text_scorer(scorer)]
+    scales = {column: protocol.column(scorers[column].name).scale if protocol else "cosine" for column in scorers}
+    for column in scorers:
+        result.scores[column] = scale_scores(result.scores[column], scales[column])
+    ceilings = None
+    if args.ceiling:
+        ceilings = {column: {} for column in scorers if column not in text_columns}
+        for column, values in ceilings.items():
+            scaled = scale_scores(result.extra[column], scales[column])
+            for (subject, _, _), value in zip(real, scaled.tolist()):
+                if value == value:  # finite: both references read
+                    values.setdefault(subject, []).append(value)
+    missing = missing_prompts(inputs, ok) if text_columns else []
+    figures = run_summary(result, text_columns=text_columns, gens=[str(g) for _, g in pairing.pairs],
+                          subjects=pairing.subjects, ceilings=ceilings, categories=inputs.categories,
+                          groups=getattr(args, "groups", None), unit=args.ci_groups,
+                          resamples=None if args.ci == "none" else args.ci_resamples, seed=args.ci_seed)
+    signatures = {column: scorer.signature + (f"|{protocol.signature_suffix(scorer.name)}" if protocol else "")
+                  for column, scorer in scorers.items()}
     summary = {
-        "models": {column: {"signature": scorers[column].signature, **summarize(values),
-                            **mean_ci(values, groups, resamples=None if args.ci == "none" else args.ci_resamples,
-                                      seed=args.ci_seed, unit=args.ci_groups)}
-                   for column, values in scores.items()},
+        "models": {column: {"signature": signatures[column], "scale": scales[column], **figures["models"][column]}
+                   for column in scorers},
+        **({"protocol": protocol.settings()} if protocol else {}),
         "pairing": args.pairing,
-        "ref": str(args.ref),
-        "gen": str(args.gen),
+        "ref": str(inputs.ref_root),
+        "gen": str(inputs.gen_root),
         "pairs_total": len(pairing.pairs),
         "pairs_scored": len(scored),
         "pairs_skipped": len(pairing.pairs) - len(scored),
-        "failures": [{"path": p, "reason": r} for p, r in failures.items()],
+        **{key: figures[key] for key in ("subjects", "categories") if key in figures},
+        **({"prompts": inputs.prompt_source, "missing_prompts": missing} if text_columns else {}),
+        "failures": [{"path": p, "reason": r} for p, r in result.failures.items()],
         "unmatched": {"ref": [str(p) for p in pairing.unmatched_refs], "gen": [str(p) for p in pairing.unmatched_gens]},
         "ambiguous": pairing.ambiguous,
+        "subject_problems": pairing.subject_problems,
         "ignored_files": [str(p) for p in pairing.ignored],
         "skipped_folders": [{"path": str(p), "reason": r} for p, r in pairing.skipped_folders.items()],
     }
     pairs = [(str(r), str(g)) for r, g in scored]
+    scores = {column: values[ok] for column, values in result.scores.items()}
+    labels = {} if pairing.subjects is None else {"subject": [s for s, good in zip(pairing.subjects, ok) if good]}
     if args.out is not None:
-        write_scores(args.out, pairs, scores, summary)
+        write_scores(args.out, pairs, scores, summary, labels)
     if args.report is not None:
         from nearid_metric.report import write_report
 
         write_report(args.report, pairs, scores, summary)
         logger.info("report written to %s", args.report)
-
-    print(f"count: {len(scored)}")
-    if scored and args.ci != "none":
-        print(describe_ci(next(iter(summary["models"].values()))["ci"]))
-    for column, values in scores.items():
-        ci95 = summary["models"][column]["ci95"]
-        interval = f"  95% CI [{ci95[0]:.6f}, {ci95[1]:.6f}]" if ci95 else "  95% CI n/a" if args.ci != "none" else ""
-        print(f"{column}: mean {values.mean():.6f}{interval}" if scored else f"{column}: mean n/a (nothing scored)")
-        print(f"{column}: signature {scorers[column].signature}")
+    print_summary(summary, scored=bool(scored), ci=args.ci != "none")
     return code
+
+
+def missing_prompts(inputs: ProtocolInputs, ok: object) -> list[str]:
+    """The generations (of read pairs) without a prompt, each once, logged: their clip-t is not scored."""
+    missing = list(dict.fromkeys(str(gen) for (_, gen), prompt, good in zip(inputs.pairing.pairs, inputs.prompts, ok)
+                                 if prompt is None and good))
+    for gen in missing:
+        logger.warning("no prompt for %s (%s): its clip-t is not scored", gen, inputs.prompt_source)
+    return missing
+
+
+def print_summary(summary: dict, *, scored: bool, ci: bool) -> None:
+    """The figures on stdout: count, per model the mean (interval), macro / micro and ceilings, per subject."""
+    models = summary["models"]
+    print(f"count: {summary['pairs_scored']}")
+    if scored and ci:
+        print(describe_ci(next(iter(models.values()))["ci"]))
+    for column, info in models.items():
+        ci95 = info["ci95"]
+        interval = f"  95% CI [{ci95[0]:.6f}, {ci95[1]:.6f}]" if ci95 else "  95% CI n/a" if ci else ""
+        unit = "" if info["scale"] == "cosine" else f" ({info['scale']})"
+        print(f"{column}: mean {info['mean']:.6f}{interval}{unit}" if info["mean"] is not None
+              else f"{column}: mean n/a (nothing scored)")
+        for kind in ("macro", "micro"):
+            if kind in info:
+                entry = info[kind]
+                interval = f"  95% CI [{entry['ci95'][0]:.6f}, {entry['ci95'][1]:.6f}]" if entry["ci95"] else ""
+                ceiling = f"  ceiling {entry['ceiling']:.6f}" if entry.get("ceiling") is not None else ""
+                print(f"{column}: {kind} {entry['mean']:.6f}{interval}{ceiling}")
+        print(f"{column}: signature {info['signature']}")
+    if "subjects" in summary:
+        print(format_subject_table(summary["subjects"], list(models)))
+    for category, entries in summary.get("categories", {}).items():
+        cells = "  ".join(f"{c} {e['mean']:.4f}" if e["mean"] is not None else f"{c} n/a" for c, e in entries.items())
+        print(f"category {category}: {cells}")
+
+
+def format_subject_table(subjects: dict, columns: list[str]) -> str:
+    """Per-subject means as a text table (``mean/ceiling`` where the ceiling was scored)."""
+    def cell(entry: dict | None) -> str:
+        if entry is None:
+            return "-"
+        text = f"{entry['mean']:.4f}"
+        return text + (f"/{entry['ceiling']:.4f}" if entry.get("ceiling") is not None else "")
+
+    header = ["subject", "n", *columns]
+    rows = [[subject, str(max(e["n"] for e in entries.values())), *(cell(entries.get(c)) for c in columns)]
+            for subject, entries in subjects.items()]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(value.ljust(width) for value, width in zip(row, widths)) for row in [header, *rows])
 
 
 if __name__ == "__main__":

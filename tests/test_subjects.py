@@ -1,0 +1,181 @@
+"""Per-subject scoring: subject pairing, macro / micro aggregation, the real-vs-real ceiling, prompts and the
+benchmarks' scalings, against hand-computed answers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nearid_metric.calibration import ceiling_pairs
+from nearid_metric.pairing import pair_by_subject, pair_from_manifest, pair_subjects_from_manifest
+from nearid_metric.prompts import lookup_prompts, read_prompts, text_folder_prompts
+from nearid_metric.protocols import PROTOCOLS, protocol_inputs, scale_scores
+from nearid_metric.runs import RunScores, run_summary
+from nearid_metric.subjects import subject_summary
+
+
+def touch_image(path, value=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (value, value, value)).save(path)
+    return path
+
+
+@pytest.fixture
+def subject_tree(tmp_path):
+    ref, gen = tmp_path / "dataset", tmp_path / "gens"
+    for name in ("a/00.jpg", "a/01.jpg", "b/00.jpg", "loose.jpg"):
+        touch_image(ref / name)
+    (ref / "c").mkdir()  # an empty subject folder (and no generations for it)
+    (ref / "e").mkdir()
+    for name in ("a/p0-0.png", "a/p0-1.png", "a/p1-0.png", "b/x.png", "b/y.png", "d/z.png", "e/w.png"):
+        touch_image(gen / name)
+    return ref, gen
+
+
+def test_subject_pairing_crosses_each_subject_and_reports_the_rest(subject_tree):
+    ref, gen = subject_tree
+    pairing = pair_by_subject(ref, gen)
+    expected = [(ref / r, gen / g) for g in ("a/p0-0.png", "a/p0-1.png", "a/p1-0.png") for r in ("a/00.jpg", "a/01.jpg")]
+    expected += [(ref / "b/00.jpg", gen / g) for g in ("b/x.png", "b/y.png")]
+    assert pairing.pairs == expected
+    assert pairing.subjects == ["a"] * 6 + ["b"] * 2
+    assert pairing.subject_refs == {"a": [ref / "a/00.jpg", ref / "a/01.jpg"], "b": [ref / "b/00.jpg"]}
+    problems = "\n".join(pairing.subject_problems)
+    assert "subject 'c'" in problems and "not in" in problems  # only on the reference side (and empty)
+    assert "subject 'd'" in problems  # only on the generated side
+    assert "subject 'e' has no images in" in problems and str(ref) in problems
+    assert str(ref / "loose.jpg") in problems  # a file outside every subject folder
+    assert gen / "d/z.png" in pairing.unmatched_gens and gen / "e/w.png" in pairing.unmatched_gens
+
+
+def test_subject_pairing_from_a_manifest(tmp_path):
+    manifest = tmp_path / "subjects.csv"
+    manifest.write_text("subject,ref,gen\ncat,r1.png,\ncat,r2.png,g1.png\ndog,,g2.png\n", encoding="utf-8")
+    pairing = pair_subjects_from_manifest(manifest, tmp_path / "R", tmp_path / "G")
+    R, G = tmp_path / "R", tmp_path / "G"
+    assert pairing.pairs == [(R / "r1.png", G / "g1.png"), (R / "r2.png", G / "g1.png")]
+    assert pairing.subjects == ["cat", "cat"]
+    assert any("subject 'dog'" in p for p in pairing.subject_problems)
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("ref,gen,subject\nr1.png,g1.png,cat\nr2.png,g2.png,dog\n", encoding="utf-8")
+    listed = pair_from_manifest(pairs, R, G)
+    assert listed.subjects == ["cat", "dog"] and listed.subject_refs == {"cat": [R / "r1.png"], "dog": [R / "r2.png"]}
+
+
+def test_macro_and_micro_by_hand():
+    values = [0.2, 0.4, 0.6, 1.0, 0.5, 0.3]
+    subjects = ["a", "a", "a", "b", "c", "c"]
+    out = subject_summary(values, subjects, resamples=200, seed=0, ceilings={"a": [0.9, 0.7], "b": []})
+    assert out["subjects"]["a"]["mean"] == pytest.approx(0.4) and out["subjects"]["a"]["n"] == 3
+    assert out["subjects"]["c"]["mean"] == pytest.approx(0.4)
+    assert out["macro"]["mean"] == pytest.approx((0.4 + 1.0 + 0.4) / 3)
+    assert out["micro"]["mean"] == pytest.approx(3.0 / 6)
+    assert out["macro"]["n_subjects"] == 3 and out["micro"]["n"] == 6
+    assert out["subjects"]["a"]["ceiling"] == pytest.approx(0.8)
+    assert out["subjects"]["b"]["ceiling"] is None and out["subjects"]["b"]["ci95"] is None  # one pair: no spread
+    assert out["macro"]["ceiling"] == pytest.approx(0.8) and out["micro"]["ceiling"] == pytest.approx(0.8)
+    low, high = out["macro"]["ci95"]
+    assert 0.4 <= low <= out["macro"]["mean"] <= high <= 1.0  # resampled subject means lie in [0.4, 1.0]
+
+
+def test_macro_interval_resamples_subjects_not_pairs():
+    rng = np.random.default_rng(0)
+    # two subjects: many tightly clustered pairs each, far apart: the pair-level interval is narrow,
+    # the subject-level one spans the two subject means
+    values = np.concatenate([0.2 + 0.001 * rng.standard_normal(200), 0.8 + 0.001 * rng.standard_normal(200)])
+    subjects = ["a"] * 200 + ["b"] * 200
+    out = subject_summary(values, subjects, resamples=500, seed=1)
+    micro_width = out["micro"]["ci95"][1] - out["micro"]["ci95"][0]
+    macro_width = out["macro"]["ci95"][1] - out["macro"]["ci95"][0]
+    assert micro_width < 0.1 and macro_width > 0.5
+
+
+def test_ceiling_pairs_are_ordered_and_never_self_pairs():
+    pairs = ceiling_pairs({"a": ["r1", "r2", "r3"], "b": ["s1"]})
+    assert len(pairs) == 6 and all(x != y for _, x, y in pairs)
+    assert {(x, y) for _, x, y in pairs} == {(x, y) for x in ("r1", "r2", "r3") for y in ("r1", "r2", "r3") if x != y}
+
+
+def test_scalings():
+    cos = np.array([-0.2, 0.0, 0.3, math.nan])
+    np.testing.assert_allclose(scale_scores(cos, "100x"), [-20.0, 0.0, 30.0, math.nan])
+    np.testing.assert_allclose(scale_scores(cos, "clipscore"), [0.0, 0.0, 0.75, math.nan])
+    np.testing.assert_array_equal(scale_scores(cos, "cosine"), cos)
+    with pytest.raises(ValueError, match="unknown scale"):
+        scale_scores(cos, "10x")
+
+
+def test_prompt_files(tmp_path):
+    csv_file = tmp_path / "prompts.csv"
+    csv_file.write_text('gen,prompt\na/p0,"a dog, on the beach"\nb/x.png,a cat\n', encoding="utf-8")
+    json_file = tmp_path / "prompts.json"
+    json_file.write_text(json.dumps({"p0": "une tête", "x": "émoji 🐶"}), encoding="utf-8")
+    gens = tmp_path / "gens"
+    files = [touch_image(gens / name) for name in ("a/p0.png", "b/x.png", "b/y.png")]
+    assert lookup_prompts(files, gens, read_prompts(csv_file)) == ["a dog, on the beach", "a cat", None]
+    flat = [touch_image(gens / name) for name in ("p0.jpg", "x.png")]
+    assert lookup_prompts(flat, gens, read_prompts(json_file)) == ["une tête", "émoji 🐶"]
+    (tmp_path / "bad.json").write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(ValueError, match="bad.json"):
+        read_prompts(tmp_path / "bad.json")
+    (tmp_path / "cols.csv").write_text("image,text\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="'gen' and 'prompt'"):
+        read_prompts(tmp_path / "cols.csv")
+
+
+def test_text_folder_prompts(tmp_path):
+    tgt, text = tmp_path / "tgt_image", tmp_path / "text"
+    (text / "object").mkdir(parents=True)
+    tgt.mkdir()
+    (text / "object" / "a_0.txt").write_text("a photo  of\nit", encoding="utf-8")
+    assert text_folder_prompts([tgt / "object/a_0.png", tgt / "object/b.png"], tgt, text) == ["a photo  of\nit", None]
+
+
+def test_run_summary_counts_a_text_column_once_per_generation():
+    # 2 generations x 2 references of one subject; clip-t depends on the generation only
+    scores = {"img": np.array([0.1, 0.3, 0.5, 0.7]), "txt": np.array([0.2, 0.2, 0.6, 0.6])}
+    result = RunScores(scores, np.ones(4, dtype=bool), {})
+    out = run_summary(result, text_columns=["txt"], gens=["g1", "g1", "g2", "g2"], subjects=["s"] * 4,
+                      resamples=None)
+    assert out["models"]["txt"]["count"] == 2 and out["models"]["txt"]["mean"] == pytest.approx(0.4)
+    assert out["models"]["img"]["count"] == 4 and out["subjects"]["s"]["img"]["n"] == 4
+    assert out["subjects"]["s"]["txt"]["n"] == 2
+
+
+def test_dreambench_layout_reads_pairs_prompts_and_categories(tmp_path):
+    run = tmp_path / "run"
+    for key in ("object_backpack-0_0", "live_subject_animal_cat-1_0"):
+        touch_image(run / "src_image" / f"{key}.jpg")
+        touch_image(run / "tgt_image" / f"{key}.png")
+    (run / "text").mkdir()
+    (run / "text" / "object_backpack-0_0.txt").write_text("a backpack", encoding="utf-8")
+    inputs = protocol_inputs(PROTOCOLS["dreambench"], run, None)
+    assert [g.name for _, g in inputs.pairing.pairs] == ["live_subject_animal_cat-1_0.png", "object_backpack-0_0.png"]
+    assert inputs.prompts == [None, "a backpack"]  # the missing prompt is None, reported by the command
+    assert inputs.categories == ["live_subject_animal", "object"]
+    with pytest.raises(ValueError, match="text/"):
+        protocol_inputs(PROTOCOLS["dreambench"], run / "src_image", None)
+
+
+def test_customconcept101_layout(tmp_path):
+    targets = [tmp_path / "cat", tmp_path / "chair"]
+    for t in targets:
+        touch_image(t / "0.jpg")
+        touch_image(t / "1.JPG")
+        touch_image(t / "sub" / "deep.jpg")  # evaluate.py reads the top level only
+    root = tmp_path / "run"
+    for name in ("s0.png", "s1.png"):
+        touch_image(root / "samples" / name)
+    (root / "prompts.json").write_text(json.dumps({"s0": "a cat on a chair"}), encoding="utf-8")
+    inputs = protocol_inputs(PROTOCOLS["customconcept101"], "+".join(map(str, targets)), root)
+    assert len(inputs.pairing.pairs) == 2 * 2 * 2  # samples x target images x concepts
+    assert inputs.pairing.subjects == ["cat"] * 4 + ["chair"] * 4
+    assert inputs.prompts.count("a cat on a chair") == 4 and inputs.prompts.count(None) == 4
+    assert targets[0] / "sub" / "deep.jpg" in inputs.pairing.ignored
+    with pytest.raises(ValueError, match="prompts.json"):
+        (root / "prompts.json").unlink()
+        protocol_inputs(PROTOCOLS["customconcept101"], str(targets[0]), root)
