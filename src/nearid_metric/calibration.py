@@ -134,3 +134,46 @@ def find_copies(pairs: Sequence[tuple[Hashable, str, str, float]], real_max: Map
         if best is None or (by_pixels, score) > (best["reason"] == "pixels", best["score"]):
             found[gen] = entry
     return list(found.values())
+
+
+def image_hashes(paths: Sequence[str]) -> dict[str, int]:
+    """:func:`difference_hash` of each readable image file (unreadable ones are left out: they were not scored)."""
+    from nearid_metric.images import ImageLoadError, load_image
+
+    hashes = {}
+    for path in dict.fromkeys(paths):
+        try:
+            hashes[path] = difference_hash(load_image(path))
+        except (ImageLoadError, OSError):
+            continue
+    return hashes
+
+
+def calibrate_column(values: Sequence[float], subjects: Sequence[Hashable], pairs: Sequence[tuple[str, str]], *,
+                     real: Sequence[tuple[Hashable, str, str, float]],
+                     floor: Sequence[tuple[Hashable, str, str, float]] = (), calibrated: bool = True,
+                     margin: float = 0.0, hashes: Mapping[str, int] | None = None,
+                     resamples: int | None = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict[str, Any]:
+    """One score column's calibration and copies from its scored pairs.
+
+    ``values`` [P] (finite) with the ``subjects`` and (reference, generation) ``pairs`` they belong to;
+    ``real`` / ``floor``: ``(subject, a, b, score)`` of the :func:`ceiling_pairs` / :func:`floor_pairs`
+    (unreadable ones left out). Returns ``{"copies": find_copies(...)}`` and, when ``calibrated``,
+    ``"calibration": calibrate(...)``.
+    """
+    def by_subject(rows: Sequence[tuple[Hashable, str, str, float]]) -> dict[Hashable, list[float]]:
+        out: dict[Hashable, list[float]] = {}
+        for subject, _, _, score in rows:
+            out.setdefault(subject, []).append(score)
+        return out
+
+    ceilings = by_subject(real)
+    result: dict[str, Any] = {"copies": find_copies(
+        [(s, ref, gen, float(v)) for s, (ref, gen), v in zip(subjects, pairs, values)],
+        {s: max(v) for s, v in ceilings.items()}, margin=margin, hashes=hashes)}
+    if calibrated:
+        scores: dict[Hashable, list[float]] = {}
+        for subject, value in zip(subjects, values):
+            scores.setdefault(subject, []).append(float(value))
+        result["calibration"] = calibrate(scores, ceilings, by_subject(floor), resamples=resamples, seed=seed)
+    return result

@@ -63,6 +63,9 @@ dl.counts dt { color: #5b6473; font-size: 13px; } dl.counts dd { margin: 0; font
 .pairs .name { font-size: 12px; color: #5b6473; max-width: 106px; overflow-wrap: anywhere; }
 .pairs td.score { font-size: 17px; font-weight: 600; } .side { display: flex; flex-wrap: wrap; gap: 10px 28px; }
 .cite { background: #f4f6fa; border-left: 4px solid #3b6fd8; padding: 8px 12px; margin: 8px 0; }
+.range { position: relative; width: 260px; height: 14px; background: linear-gradient(90deg, #f3d5d5, #d4ecd9);
+       border-radius: 3px; } .range .mark { position: absolute; top: -3px; width: 4px; height: 20px;
+       margin-left: -2px; background: #1d2330; }
 .bad { color: #a4262c; } .ok { color: #2b7a3d; } ul.files { margin: 4px 0; padding-left: 22px; }
 """
 
@@ -116,6 +119,8 @@ def render_report(pairs: Sequence[tuple[str, str]], scores: Mapping[str, np.ndar
         _counts(summary),
         _summary_section(values, summary),
         _subjects_section(summary),
+        _calibration_section(summary),
+        _copies_section(summary),
         _distribution_section(pair_values, summary),
         _extremes_section(pairs, pair_values, ref_root, gen_root, thumbs, extremes),
         _problems_section(summary),
@@ -196,6 +201,51 @@ def _subjects_section(summary: Mapping[str, Any]) -> str:
         "subject's real-vs-real ceiling (different references of it) where --ceiling was given. macro: the "
         "mean over subjects (interval by resampling subjects); micro: the mean over pairs.</p>",
     ])
+
+
+def _calibration_section(summary: Mapping[str, Any]) -> str:
+    """Each subject's score drawn between its floor (left end) and ceiling (right end), per model."""
+    models = {m: info["calibration"] for m, info in summary.get("models", {}).items() if info.get("calibration")}
+    if not models:
+        return ""
+    parts = ["<h2>Calibrated scores</h2>",
+             '<p class="muted">calibrated = (score - floor) / (ceiling - floor): 0 at the floor (the subject\'s '
+             "generations against other subjects' references), 1 at the ceiling (its real photos against each "
+             "other). The bar runs from floor to ceiling; the mark is the score (clipped to the bar).</p>"]
+    for model, calibration in models.items():
+        rows = []
+        for subject, entry in calibration["subjects"].items():
+            value = entry["calibrated"]
+            mark = "" if value is None else f'<div class="mark" style="left:{100 * min(max(value, 0), 1):.1f}%"></div>'
+            rows.append(f'<tr data-subject="{_e(subject)}"><td>{_e(subject)}</td>'
+                        + "".join(f'<td class="num">{_number(entry[k], DIGITS)}</td>' for k in ("floor", "score", "ceiling"))
+                        + f'<td class="num"><b>{_number(value, DIGITS)}</b></td>'
+                        + f'<td class="num">{_interval(entry["ci95"], DIGITS)}</td>'
+                        + f'<td><div class="range">{mark}</div></td></tr>')
+        macro = calibration["macro"]
+        parts += [f"<h3>{_e(model)}: macro calibrated {_number(macro['calibrated'], DIGITS)} "
+                  f"{_interval(macro['ci95'], DIGITS)} over {macro['n']} subjects</h3>",
+                  '<table data-calibration="' + _e(model) + '"><tr><th>subject</th><th class="num">floor</th>'
+                  '<th class="num">score</th><th class="num">ceiling</th><th class="num">calibrated</th>'
+                  '<th class="num">95% CI</th><th>floor to ceiling</th></tr>' + "".join(rows) + "</table>"]
+    return "\n".join(parts)
+
+
+def _copies_section(summary: Mapping[str, Any]) -> str:
+    """Generations flagged as copies of a reference, per model."""
+    copies = summary.get("copies")
+    if copies is None:
+        return ""
+    rows = [f'<tr class="bad"><td>{_e(model)}</td><td class="mono">{_e(c["gen"])}</td><td class="mono">{_e(c["ref"])}'
+            f'</td><td>{_e(c["reason"])}</td><td class="num">{_number(c["score"], DIGITS)}</td>'
+            f'<td class="num">{_number(c.get("real_max"), DIGITS)}</td><td class="num">{c.get("hash_distance", "")}'
+            "</td></tr>" for model, items in copies.items() for c in items]
+    if not rows:
+        return '<h2>Copies</h2><p id="copies" class="ok">No generation was flagged as a copy of a reference.</p>'
+    return ('<h2>Copies</h2><p id="copies">Generations closer to a reference than any two real photos of the subject '
+            "(reason score), or near-duplicates of it at pixel level (reason pixels).</p><table><tr><th>model</th>"
+            "<th>generation</th><th>reference</th><th>reason</th><th class=\"num\">score</th><th class=\"num\">"
+            "highest real-vs-real</th><th class=\"num\">hash distance</th></tr>" + "".join(rows) + "</table>")
 
 
 def citation(model: str, info: Mapping[str, Any]) -> str:

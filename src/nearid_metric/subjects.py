@@ -61,3 +61,18 @@ def subject_summary(values: Sequence[float], subjects: Sequence[str], *, resampl
         pooled = [v for subject in per for v in ceilings.get(subject, ())]
         micro["ceiling"] = float(np.mean(pooled)) if pooled else None
     return {"subjects": per, "macro": macro, "micro": micro}
+
+
+def format_subject_table(subjects: Mapping[str, Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """Per-subject means as a text table (``mean/ceiling`` where the ceiling was scored)."""
+    def cell(entry: Mapping[str, Any] | None) -> str:
+        if entry is None:
+            return "-"
+        text = f"{entry['mean']:.4f}"
+        return text + (f"/{entry['ceiling']:.4f}" if entry.get("ceiling") is not None else "")
+
+    header = ["subject", "n", *columns]
+    rows = [[subject, str(max(e["n"] for e in entries.values())), *(cell(entries.get(c)) for c in columns)]
+            for subject, entries in subjects.items()]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(value.ljust(width) for value, width in zip(row, widths)) for row in [header, *rows])

@@ -12,6 +12,7 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from nearid_metric.cli import compare, download
@@ -34,7 +35,13 @@ from nearid_metric.distributed import (
     process_group,
     rank_and_world,
 )
-from nearid_metric.calibration import ceiling_pairs
+from nearid_metric.calibration import (
+    HASH_DISTANCE,
+    calibrate_column,
+    ceiling_pairs,
+    floor_pairs,
+    image_hashes,
+)
 from nearid_metric.outputs import plural, write_scores
 from nearid_metric.pairing import (
     Pairing,
@@ -49,7 +56,12 @@ from nearid_metric.prompts import lookup_prompts, read_prompts
 from nearid_metric.protocols import PROTOCOLS, Protocol, ProtocolInputs, protocol_inputs, scale_scores
 from nearid_metric.report import describe_ci
 from nearid_metric.runs import AnyScorer, is_text_scorer, run_summary, score_run
+from nearid_metric.subjects import format_subject_table
 from nearid_metric.text import TEXT_SCORERS
+
+
+FLOOR_PAIRS = 200
+"""Default number of floor pairs (a generation against another subject's reference) sampled per subject."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
     protocols.add_argument("--ceiling", action="store_true",
                            help="also score every ordered pair of two different references of each subject (the "
                                 "real-vs-real ceiling, DreamBooth's 'Real images' row); needs subject pairing")
+    calibration = parser.add_argument_group("calibrated scores and copies (subject pairing)")
+    calibration.add_argument("--calibrate", action="store_true",
+                             help="per subject: the ceiling (as --ceiling), the floor (its generations against other "
+                                  "subjects' references) and calibrated = (score - floor) / (ceiling - floor)")
+    calibration.add_argument("--floor-pairs", type=positive_int, default=FLOOR_PAIRS, metavar="N",
+                             help=f"floor pairs sampled per subject (seeded by --ci-seed; default {FLOOR_PAIRS})")
+    calibration.add_argument("--copies", action="store_true",
+                             help="list generations that copy a reference: closer to it than the subject's closest "
+                                  "two real photos (+ --copy-margin), or a near-duplicate by difference hash; implied "
+                                  "by --calibrate and --ceiling")
+    calibration.add_argument("--copy-margin", type=float, default=0.0, metavar="M",
+                             help="a copy scores above the subject's highest real-vs-real score by more than M "
+                                  "(default 0, in the column's unit)")
     add_model_arguments(parser)
     parser.set_defaults(model=None)
     parser.add_argument("--max-pixels", type=positive_int, metavar="N",
@@ -150,8 +175,10 @@ def make_inputs(args: argparse.Namespace, parser: argparse.ArgumentParser, proto
     if needs_prompts and inputs.prompts is None:
         parser.error("clip-t scores each generation against its prompt: give --prompts FILE (CSV gen,prompt or JSON "
                      "{gen: prompt}) or a manifest 'prompt' column")
-    if args.ceiling and inputs.pairing.subjects is None:
-        parser.error("--ceiling needs subjects: --pairing subject, or a manifest 'subject' column")
+    wanted = [flag for flag, on in (("--ceiling", args.ceiling), ("--calibrate", args.calibrate),
+                                    ("--copies", args.copies)) if on]
+    if wanted and inputs.pairing.subjects is None:
+        parser.error(f"{wanted[0]} needs subjects: --pairing subject, or a manifest 'subject' column")
     return inputs
 
 
@@ -275,8 +302,12 @@ def run(args: argparse.Namespace, inputs: ProtocolInputs, scorers: dict[str, Any
     reports and writes.
     """
     pairing = inputs.pairing
+    args.ceiling = args.ceiling or args.calibrate or args.copies
     real = ceiling_pairs(pairing.subject_refs) if args.ceiling else []
-    result = score_run(scorers, pairing.pairs, prompts=inputs.prompts, extra_pairs=[(a, b) for _, a, b in real],
+    floor = floor_pairs(pairing.subject_refs, subject_generations(pairing), max_pairs=args.floor_pairs,
+                        seed=args.ci_seed) if args.calibrate else []
+    result = score_run(scorers, pairing.pairs, prompts=inputs.prompts,
+                       extra_pairs=[(a, b) for _, a, b in [*real, *floor]],
                        batch_size=args.batch_size, num_workers=args.num_workers,
                        progress=False if args.no_progress else None, cache_dir=args.cache,
                        distributed=args.distributed)
@@ -291,14 +322,26 @@ def run(args: argparse.Namespace, inputs: ProtocolInputs, scorers: dict[str, Any
     scales = {column: protocol.column(scorers[column].name).scale if protocol else "cosine" for column in scorers}
     for column in scorers:
         result.scores[column] = scale_scores(result.scores[column], scales[column])
-    ceilings = None
+    ceilings, checks = None, {}
     if args.ceiling:
-        ceilings = {column: {} for column in scorers if column not in text_columns}
-        for column, values in ceilings.items():
-            scaled = scale_scores(result.extra[column], scales[column])
-            for (subject, _, _), value in zip(real, scaled.tolist()):
-                if value == value:  # finite: both references read
-                    values.setdefault(subject, []).append(value)
+        ceilings = {}
+        hashes = image_hashes([str(p) for pair in pairing.pairs for p in pair])
+        for column in scorers:
+            if column in text_columns:
+                continue
+            extra = scale_scores(result.extra[column], scales[column]).tolist()
+            tagged = [(s, str(a), str(b), v) for (s, a, b), v in zip([*real, *floor], extra)]
+            real_rows = [row for row in tagged[:len(real)] if row[3] == row[3]]  # x == x: not NaN (both read)
+            floor_rows = [row for row in tagged[len(real):] if row[3] == row[3]]
+            ceilings[column] = {}
+            for subject, _, _, value in real_rows:
+                ceilings[column].setdefault(subject, []).append(value)
+            good = ok & np.isfinite(result.scores[column])
+            checks[column] = calibrate_column(
+                result.scores[column][good], [s for s, g in zip(pairing.subjects, good) if g],
+                [(str(r), str(g)) for (r, g), keep in zip(pairing.pairs, good) if keep], real=real_rows,
+                floor=floor_rows, calibrated=args.calibrate, margin=args.copy_margin, hashes=hashes,
+                resamples=None if args.ci == "none" else args.ci_resamples, seed=args.ci_seed)
     missing = missing_prompts(inputs, ok) if text_columns else []
     figures = run_summary(result, text_columns=text_columns, gens=[str(g) for _, g in pairing.pairs],
                           subjects=pairing.subjects, ceilings=ceilings, categories=inputs.categories,
@@ -307,7 +350,9 @@ def run(args: argparse.Namespace, inputs: ProtocolInputs, scorers: dict[str, Any
     signatures = {column: scorer.signature + (f"|{protocol.signature_suffix(scorer.name)}" if protocol else "")
                   for column, scorer in scorers.items()}
     summary = {
-        "models": {column: {"signature": signatures[column], "scale": scales[column], **figures["models"][column]}
+        "models": {column: {"signature": signatures[column], "scale": scales[column], **figures["models"][column],
+                            **({"calibration": checks[column]["calibration"]} if args.calibrate and column in checks
+                               else {})}
                    for column in scorers},
         **({"protocol": protocol.settings()} if protocol else {}),
         "pairing": args.pairing,
@@ -318,6 +363,9 @@ def run(args: argparse.Namespace, inputs: ProtocolInputs, scorers: dict[str, Any
         "pairs_skipped": len(pairing.pairs) - len(scored),
         **{key: figures[key] for key in ("subjects", "categories") if key in figures},
         **({"prompts": inputs.prompt_source, "missing_prompts": missing} if text_columns else {}),
+        **({"copies": {column: check["copies"] for column, check in checks.items()},
+            "copy_check": {"margin": args.copy_margin, "hash": "difference hash, 64 bits",
+                           "max_hash_distance": HASH_DISTANCE}} if args.ceiling else {}),
         "failures": [{"path": p, "reason": r} for p, r in result.failures.items()],
         "unmatched": {"ref": [str(p) for p in pairing.unmatched_refs], "gen": [str(p) for p in pairing.unmatched_gens]},
         "ambiguous": pairing.ambiguous,
@@ -337,6 +385,14 @@ def run(args: argparse.Namespace, inputs: ProtocolInputs, scorers: dict[str, Any
         logger.info("report written to %s", args.report)
     print_summary(summary, scored=bool(scored), ci=args.ci != "none")
     return code
+
+
+def subject_generations(pairing: Pairing) -> dict[str, list[Path]]:
+    """Each subject's distinct generations, in pairing order."""
+    gens: dict[str, dict[Path, None]] = {}
+    for (_, gen), subject in zip(pairing.pairs, pairing.subjects or ()):
+        gens.setdefault(subject, {})[gen] = None
+    return {subject: list(items) for subject, items in gens.items()}
 
 
 def missing_prompts(inputs: ProtocolInputs, ok: object) -> list[str]:
@@ -366,27 +422,22 @@ def print_summary(summary: dict, *, scored: bool, ci: bool) -> None:
                 interval = f"  95% CI [{entry['ci95'][0]:.6f}, {entry['ci95'][1]:.6f}]" if entry["ci95"] else ""
                 ceiling = f"  ceiling {entry['ceiling']:.6f}" if entry.get("ceiling") is not None else ""
                 print(f"{column}: {kind} {entry['mean']:.6f}{interval}{ceiling}")
+        if info.get("calibration"):
+            macro = info["calibration"]["macro"]
+            interval = f"  95% CI [{macro['ci95'][0]:.4f}, {macro['ci95'][1]:.4f}]" if macro["ci95"] else ""
+            value = "n/a" if macro["calibrated"] is None else f"{macro['calibrated']:.4f}"
+            print(f"{column}: calibrated macro {value}{interval} (0 = floor, 1 = ceiling; {macro['n']} subjects)")
         print(f"{column}: signature {info['signature']}")
+    for column, copies in summary.get("copies", {}).items():
+        for copy in copies:
+            logger.warning("possible copy (%s, %s): %s of reference %s", column, copy["reason"], copy["gen"],
+                           copy["ref"])
+        print(f"{column}: {plural(len(copies), 'generation')} flagged as copies of a reference")
     if "subjects" in summary:
         print(format_subject_table(summary["subjects"], list(models)))
     for category, entries in summary.get("categories", {}).items():
         cells = "  ".join(f"{c} {e['mean']:.4f}" if e["mean"] is not None else f"{c} n/a" for c, e in entries.items())
         print(f"category {category}: {cells}")
-
-
-def format_subject_table(subjects: dict, columns: list[str]) -> str:
-    """Per-subject means as a text table (``mean/ceiling`` where the ceiling was scored)."""
-    def cell(entry: dict | None) -> str:
-        if entry is None:
-            return "-"
-        text = f"{entry['mean']:.4f}"
-        return text + (f"/{entry['ceiling']:.4f}" if entry.get("ceiling") is not None else "")
-
-    header = ["subject", "n", *columns]
-    rows = [[subject, str(max(e["n"] for e in entries.values())), *(cell(entries.get(c)) for c in columns)]
-            for subject, entries in subjects.items()]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(value.ljust(width) for value, width in zip(row, widths)) for row in [header, *rows])
 
 
 if __name__ == "__main__":
