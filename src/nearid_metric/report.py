@@ -108,6 +108,7 @@ def render_report(pairs: Sequence[tuple[str, str]], scores: Mapping[str, np.ndar
         f'<span class="mono">{_e(gen_root)}</span>, pairing <b>{_e(summary.get("pairing", "?"))}</b>; '
         f"nearid-metric {_e(__version__)}. Scores are cosine similarities in [-1, 1]; higher means the "
         f"identity of the reference object is better kept.</p>",
+        _masks_line(summary.get("masks")),
         _counts(summary),
         _summary_section(values, summary),
         _distribution_section(values, summary),
@@ -121,6 +122,18 @@ def render_report(pairs: Sequence[tuple[str, str]], scores: Mapping[str, np.ndar
 
 
 # --- sections ------------------------------------------------------------------------------------
+
+
+def _masks_line(masks: Mapping[str, Any] | None) -> str:
+    """Foreground-only runs say so above everything: their scores are not comparable with unmasked ones."""
+    if not masks:
+        return ""
+    sides = [f"{'references' if side == 'ref' else 'generations'} by "
+             + (f"the manifest column {m['column']}" if m["column"] else f"the masks in {m['folder']}")
+             + (f" (under {m['folder']})" if m["column"] and m["folder"] else "")
+             for side in ("ref", "gen") if (m := masks.get(side))]
+    return (f'<p class="bad" id="masks"><b>Foreground only</b>: {_e("; ".join(sides))}; background set to '
+            f'{_e(masks.get("fill"))}. Not comparable with unmasked scores.</p>')
 
 
 def _counts(summary: Mapping[str, Any]) -> str:

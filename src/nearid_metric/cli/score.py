@@ -27,6 +27,13 @@ from nearid_metric.cli.common import (
     positive_int,
     run_command,
 )
+from nearid_metric.cli.foreground import (
+    add_mask_arguments,
+    foreground_pairs,
+    masks_summary,
+    run_signature,
+    score_foreground,
+)
 from nearid_metric.distributed import (
     launched_by_torchrun,
     missing_torchrun_variables,
@@ -36,7 +43,7 @@ from nearid_metric.distributed import (
 from nearid_metric.outputs import plural, write_scores
 from nearid_metric.pairing import Pairing, pair_all, pair_by_name, pair_from_manifest, read_manifest
 from nearid_metric.report import describe_ci
-from nearid_metric.scorer import Scorer, score_pairs
+from nearid_metric.scorer import Scorer
 from nearid_metric.stats import mean_ci, summarize
 
 
@@ -61,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write a self-contained HTML report (summary, histograms, lowest- and highest-"
                              "scoring pairs, failed files); needs pip install 'nearid-metric[report]'")
     add_ci_arguments(parser, groups=True)
+    add_mask_arguments(parser)
     parser.add_argument("--strict", action="store_true",
                         help="exit 1 if any file failed, was unmatched or ambiguous")
     parser.add_argument("--distributed", action="store_true",
@@ -149,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     def command() -> int:
         pairing = make_pairing(args, parser)
         args.groups = ci_groups(args, parser, pairing)
+        args.foreground = foreground_pairs(args, parser, pairing)
         with process_group(args.device) if args.distributed else nullcontext(None) as device:
             if device is not None:
                 args.device = str(device)
@@ -176,9 +185,7 @@ def run(args: argparse.Namespace, pairing: Pairing, scorers: dict[str, Scorer]) 
     Under ``--distributed`` every rank takes part and returns the exit code; only rank 0
     reports and writes.
     """
-    values, ok, failures = score_pairs(list(scorers.values()), pairing.pairs, batch_size=args.batch_size,
-                                       num_workers=args.num_workers, progress=False if args.no_progress else None,
-                                       cache_dir=args.cache, distributed=args.distributed)
+    values, ok, failures = score_foreground(args, pairing, scorers)
     scored = [pair for pair, good in zip(pairing.pairs, ok.tolist()) if good]
     problems = failures or pairing.unmatched_refs or pairing.unmatched_gens or pairing.ambiguous
     code = EXIT_NOTHING_SCORED if not scored or (args.strict and problems) else EXIT_OK
@@ -190,13 +197,14 @@ def run(args: argparse.Namespace, pairing: Pairing, scorers: dict[str, Scorer]) 
     report_problems(pairing, failures)
 
     summary = {
-        "models": {column: {"signature": scorers[column].signature, **summarize(values),
+        "models": {column: {"signature": run_signature(scorers[column], args), **summarize(values),
                             **mean_ci(values, groups, resamples=None if args.ci == "none" else args.ci_resamples,
                                       seed=args.ci_seed, unit=args.ci_groups)}
                    for column, values in scores.items()},
         "pairing": args.pairing,
         "ref": str(args.ref),
         "gen": str(args.gen),
+        "masks": masks_summary(args),
         "pairs_total": len(pairing.pairs),
         "pairs_scored": len(scored),
         "pairs_skipped": len(pairing.pairs) - len(scored),
@@ -222,7 +230,7 @@ def run(args: argparse.Namespace, pairing: Pairing, scorers: dict[str, Scorer]) 
         ci95 = summary["models"][column]["ci95"]
         interval = f"  95% CI [{ci95[0]:.6f}, {ci95[1]:.6f}]" if ci95 else "  95% CI n/a" if args.ci != "none" else ""
         print(f"{column}: mean {values.mean():.6f}{interval}" if scored else f"{column}: mean n/a (nothing scored)")
-        print(f"{column}: signature {scorers[column].signature}")
+        print(f"{column}: signature {summary['models'][column]['signature']}")
     return code
 
 
