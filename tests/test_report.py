@@ -10,6 +10,7 @@ import base64
 import csv
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -84,7 +85,11 @@ def run(tmp_path_factory, checkpoint_dir):
 
 def test_report_is_self_contained_and_static(run):
     path, _, _ = run
-    text = path.read_text(encoding="utf-8")
+    assert_static(path.read_text(encoding="utf-8"))
+
+
+def assert_static(text: str) -> None:
+    """No script, no reference outside the page: every src a data: image, every link an anchor."""
     page = Page(text)
     lowered = text.lower()
     assert "<script" not in lowered and "javascript:" not in lowered
@@ -173,18 +178,27 @@ def find_browser() -> str | None:
     return next((found for name in BROWSERS if (found := shutil.which(name))), None)
 
 
-@pytest.mark.skipif(find_browser() is None, reason="no Chromium/Chrome binary on PATH (looked for "
-                    + ", ".join(BROWSERS) + "); install the Debian package 'chromium' as .ci/run does")
+def chromium(page: Path, profile: Path, *args: str) -> str:
+    """Run headless Chromium on ``page`` with ``args`` (a screenshot, or --dump-dom); returns its stdout."""
+    command = [find_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               "--hide-scrollbars", f"--user-data-dir={profile}", *args, page.resolve().as_uri()]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+needs_browser = pytest.mark.skipif(find_browser() is None, reason="no Chromium/Chrome binary on PATH (looked for "
+                                   + ", ".join(BROWSERS) + "); install the Debian package 'chromium' as .ci/run does")
+
+
+@needs_browser
 def test_report_renders_in_headless_chromium(run, tmp_path):
     path, _, _ = run
     shot = tmp_path / "report.png"
     width, height = 1280, 2400
-    command = [find_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}", f"--window-size={width},{height}",
-               f"--screenshot={shot}", path.resolve().as_uri()]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and shot.is_file(), proc.stderr[-2000:]
+    chromium(path, tmp_path / "profile", f"--window-size={width},{height}", f"--screenshot={shot}")
+    assert shot.is_file()
     picture = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int64)
     assert picture.shape == (height, width, 3)
     not_white = (picture < 235).any(axis=2)
@@ -204,3 +218,113 @@ def test_scores_near_1_are_told_apart():
                "pairs_total": 2, "pairs_scored": 2, "ref": ".", "gen": "."}
     text = render_report(pairs, scores, summary)
     assert "0.999910" in text and "0.999940" in text and "0.999925" in text
+
+
+# --- nearid-score compare --report -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory, checkpoint_dir):
+    """Two real runs on 12 references: B near-copies the references where A does not (gains) and the other way
+    round for 4 (losses); one pair only in A, one only in B; one of A's generations deleted after scoring."""
+    root = tmp_path_factory.mktemp("compare")
+    refs, gen_a, gen_b = root / "refs", root / "A", root / "B"
+    for folder in (refs / "sub", gen_a / "sub", gen_b / "sub"):
+        folder.mkdir(parents=True)
+    names = [f"p{i:02d}" for i in range(10)] + ["sub/nested", ODD_NAME]
+    for i, name in enumerate(names):
+        random_image(i, (48, 40)).save(refs / f"{name}.png")
+        copy_in_b = i % 3 != 0
+        random_image(i if not copy_in_b else 300 + i, (48, 40)).save(gen_a / f"{name}.png")
+        random_image(i if copy_in_b else 400 + i, (48, 40)).save(gen_b / f"{name}.jpg", quality=95)
+    random_image(50, (48, 40)).save(refs / "extra_a.png")
+    random_image(51, (48, 40)).save(gen_a / "extra_a.png")
+    random_image(52, (48, 40)).save(refs / "extra_b.png")
+    random_image(53, (48, 40)).save(gen_b / "extra_b.png")
+    common = ["--model", checkpoint_dir, "--num-workers", "0", "--no-progress"]
+    assert main([str(a) for a in [refs, gen_a, "--out", root / "run_a", *common]]) == 0
+    assert main([str(a) for a in [refs, gen_b, "--out", root / "run_b", *common]]) == 0
+    (gen_a / "p01.png").unlink()  # its thumbnail is "unreadable now"
+    page = root / "compare.html"
+    assert main(["compare", str(root / "run_a"), str(root / "run_b"), "--report", str(page),
+                 "--json", str(root / "compare.json"), "--groups", "ref"]) == 0
+    return page, json.loads((root / "compare.json").read_text())
+
+
+def test_comparison_report_holds_the_comparison(comparison):
+    path, result = comparison
+    text = path.read_text(encoding="utf-8")
+    assert_static(text)
+    page = Page(text)
+    r = result["models"]["nearid"]
+    assert (r["n"], result["only_a"], result["only_b"]) == (12, [["extra_a.png", "extra_a"]],
+                                                            [["extra_b.png", "extra_b"]])
+    assert page.by_id["pairs-matched"] == "12" and page.by_id["only-a"] == "1" and page.by_id["only-b"] == "1"
+    row = [attrs for tag, attrs in page.tags if tag == "tr" and "data-model" in attrs]
+    assert [attrs["data-model"] for attrs in row] == ["nearid"]
+    words = "".join(page.text)
+    low, high = r["ci95"]
+    for cell in (f"{r['mean_a']:.4f}", f"{r['mean_b']:.4f}", f"{r['diff']:+.4f}", f"[{low:+.4f}, {high:+.4f}]",
+                 f"{100 * r['win_rate']:.1f}%", r["signature_a"], "paired percentile bootstrap over groups (ref)"):
+        assert cell in words, cell
+    assert "extra_a.png ~ extra_a" in page.by_id["only-a-list"] and "extra_b.png ~ extra_b" in page.by_id["only-b-list"]
+    plots = [a for tag, a in page.tags if tag == "img" and a["src"].startswith("data:image/png;base64,")]
+    assert len(plots) == 1  # one scatter per model
+    # 8 gains and 4 losses: a reference, A's and B's generation per row, except the deleted file
+    thumbnails = [a for tag, a in page.tags if tag == "img" and a["src"].startswith("data:image/jpeg;base64,")]
+    gains, losses = page.by_id["gains-nearid"], page.by_id["losses-nearid"]
+    assert gains.count("B - A") == losses.count("B - A") == 1
+    shown = _cells(text, "num score ok") + _cells(text, "num score bad")
+    assert len(shown) == 12 and len(thumbnails) == 3 * 12 - 1 and "(unreadable now)" in text
+    assert sorted(float(v) for v in shown) == pytest.approx(sorted(r_b - r_a for r_a, r_b in _pair_scores(path)),
+                                                            abs=5e-5)
+    assert ODD_NAME not in text and "a&amp;b &lt;i&gt;&quot;odd&quot;" in text
+
+
+def _pair_scores(page: Path) -> list[tuple[float, float]]:
+    """(A, B) of every matched pair, from the two runs' scores.csv beside the page."""
+    runs = []
+    for run in ("run_a", "run_b"):
+        with open(page.parent / run / "scores.csv", newline="") as f:
+            runs.append({Path(row["ref"]).stem: float(row["nearid"]) for row in csv.DictReader(f)})
+    return [(runs[0][k], runs[1][k]) for k in runs[0] if k in runs[1]]
+
+
+def test_comparison_report_needs_matplotlib(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit) as excinfo:
+        main(["compare", str(tmp_path), str(tmp_path), "--report", str(tmp_path / "c.html")])
+    assert excinfo.value.code == 2 and 'pip install "nearid-metric[report]"' in capsys.readouterr().err
+
+
+@needs_browser
+def test_comparison_report_renders_in_headless_chromium(comparison, tmp_path):
+    from nearid_metric.compare_report import GAIN, LOSS
+
+    path, _ = comparison
+    dom = chromium(path, tmp_path / "profile", "--dump-dom")
+    for text in ("nearid-score compare", "largest gains (B higher)", "Pairs in one run only", "extra_b.png ~ extra_b"):
+        assert text in dom, text
+    # the page, and the same page with a white picture for its plot (the same layout: the box keeps its size)
+    white = io.BytesIO()
+    Image.new("RGB", (44, 36), "white").save(white, format="PNG")
+    blank = "data:image/png;base64," + base64.b64encode(white.getvalue()).decode("ascii")
+    without_plot = tmp_path / "without-plot.html"
+    without_plot.write_text(re.sub(r'data:image/png;base64,[^"]*', blank, path.read_text(encoding="utf-8")),
+                            encoding="utf-8")
+    width, height = 1280, 2000
+    pictures = []
+    for page in (path, without_plot):
+        shot = tmp_path / f"{page.stem}.png"
+        chromium(page, tmp_path / "profile", f"--window-size={width},{height}", f"--screenshot={shot}")
+        pictures.append(np.asarray(Image.open(shot).convert("RGB"), dtype=np.int64))
+    picture = pictures[0]
+    assert picture.shape == (height, width, 3)
+    assert (picture < 235).any(axis=2).mean() > 0.03  # text, the scatter and thumbnails drawn
+    # where the plot is drawn, the gain and the loss points are (their colours at alpha 0.8 on white)
+    plot = (pictures[0] != pictures[1]).any(axis=2)
+    rows, columns = np.nonzero(plot)
+    assert 200 < rows.max() - rows.min() <= 360 and 300 < columns.max() - columns.min() <= 440  # within one plot
+    for colour in (GAIN, LOSS):
+        drawn = 0.8 * np.array([int(colour[k:k + 2], 16) for k in (1, 3, 5)]) + 0.2 * 255
+        assert ((np.abs(picture - drawn).sum(axis=2) < 30) & plot).sum() > 15, colour

@@ -123,6 +123,14 @@ def win_rate(a: np.ndarray, b: np.ndarray) -> float:
     return float(((b > a).sum() + 0.5 * (b == a).sum()) / len(a))
 
 
+def matched_rows(run_a: Run, run_b: Run) -> tuple[list[int], list[int]]:
+    """The rows of ``run_a`` whose (reference, generation name) key ``run_b`` also has, in A's order, and the
+    matching rows of ``run_b``."""
+    index_b = {key: i for i, key in enumerate(run_b.keys)}
+    rows_a = [i for i, key in enumerate(run_a.keys) if key in index_b]
+    return rows_a, [index_b[run_a.keys[i]] for i in rows_a]
+
+
 def compare_runs(run_a: Run, run_b: Run, *, groups: str = "none", allow_different_signatures: bool = False,
                  resamples: int | None = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict[str, Any]:
     """``{"models": {model: {mean_a, mean_b, diff, ci95, win_rate, n}}, "only_a", "only_b", ...}``.
@@ -144,9 +152,7 @@ def compare_runs(run_a: Run, run_b: Run, *, groups: str = "none", allow_differen
         details = "; ".join(f"{m}: {run_a.signatures[m]} vs {run_b.signatures[m]}" for m in differ)
         raise ValueError(f"the runs were scored with different weights, precision or version ({details}); their "
                          "scores are not comparable. Re-score one run, or pass --allow-different-signatures")
-    index_b = {key: i for i, key in enumerate(run_b.keys)}
-    rows_a = [i for i, key in enumerate(run_a.keys) if key in index_b]
-    rows_b = [index_b[run_a.keys[i]] for i in rows_a]
+    rows_a, rows_b = matched_rows(run_a, run_b)
     if not rows_a:
         raise ValueError(f"{run_a.folder} and {run_b.folder} have no (reference, generation name) pair in common")
     matched = set(run_a.keys[i] for i in rows_a)

@@ -93,10 +93,15 @@ class PreprocessedImages(Dataset):
 
 def read_and_decode(source: ImageSource | MaskedImage) -> tuple[Image.Image, str]:
     """``(decoded image, content key)`` of a file or :class:`EncodedImage`, both from one read of its bytes;
-    of a :class:`~nearid_metric.masking.MaskedImage`, its image and mask read so and the mask applied."""
+    of a :class:`~nearid_metric.masking.MaskedImage`, its image and mask read so and the mask applied (a mask that
+    cannot be read, or is empty, fails as ``mask <name>: <reason>``)."""
     if isinstance(source, MaskedImage):
-        (image, image_key), (mask, mask_key) = read_and_decode(source.image), read_and_decode(source.mask)
-        return mask_image(image, mask, source), masked_key(source, image_key, mask_key)
+        image, image_key = read_and_decode(source.image)
+        try:
+            mask, mask_key = read_and_decode(source.mask)
+            return mask_image(image, mask, source), masked_key(source, image_key, mask_key)
+        except ImageLoadError as e:
+            raise ImageLoadError(source, f"mask {source.mask}: {e.reason}") from None
     encoded = source if isinstance(source, EncodedImage) else read_image_file(source)
     return decode_image(encoded), content_key(encoded)
 

@@ -112,7 +112,7 @@ def mask_image(image: Image.Image, mask: Image.Image, source: MaskedImage) -> Im
     """
     grey = clean_mask(mask) if source.clean else np.asarray(mask.convert("L"))
     if not grey.any():
-        raise ImageLoadError(source.mask, "mask has no subject pixel (all 0); the image is not scored")
+        raise ImageLoadError(source.mask, "is empty (no subject pixel > 0); the image is not scored")
     return apply_mask(image, grey, source.fill)
 
 

@@ -42,7 +42,7 @@ SCATTER_SIZE = (4.4, 3.6)
 LISTED = 500
 """At most this many entries of each problem list (failed, unmatched, ...); the rest are counted."""
 
-_STYLE = """
+STYLE = """
 body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; color: #1d2330;
        margin: 0 auto; padding: 24px 32px 48px; max-width: 1180px; background: #fff; }
 h1 { font-size: 26px; margin: 0 0 4px; } h2 { font-size: 20px; margin: 34px 0 10px; border-bottom: 2px solid #e3e7ef;
@@ -97,7 +97,7 @@ def render_report(pairs: Sequence[tuple[str, str]], scores: Mapping[str, np.ndar
     statistics, signature and interval, failures, unmatched files). Needs matplotlib.
     """
     require_matplotlib()
-    thumbs = _Thumbnails()
+    thumbs = Thumbnails()
     values = {model: np.asarray(v, dtype=np.float64) for model, v in scores.items()}
     pair_values = {model: v for model, v in values.items() if np.isfinite(v).all()}  # clip-t may lack prompts
     ref_root, gen_root = summary.get("ref", ""), summary.get("gen", "")
@@ -107,7 +107,7 @@ def render_report(pairs: Sequence[tuple[str, str]], scores: Mapping[str, np.ndar
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>nearid-score report: {_e(ref_root)} vs {_e(gen_root)}</title>",
-        f"<style>{_STYLE}</style></head><body>",
+        f"<style>{STYLE}</style></head><body>",
         "<h1>nearid-score report</h1>",
         f'<p class="muted">references <span class="mono">{_e(ref_root)}</span>, generations '
         f'<span class="mono">{_e(gen_root)}</span>, pairing <b>{_e(summary.get("pairing", "?"))}</b>; '
@@ -116,6 +116,7 @@ def render_report(pairs: Sequence[tuple[str, str]], scores: Mapping[str, np.ndar
         f"better kept (for clip-t: the image matches its prompt).</p>",
         f'<p>Protocol <b id="protocol">{_e(protocol["name"])}</b>: {_e(protocol["title"])}, aggregation '
         f'{_e(protocol["aggregation"])}.</p>' if protocol else "",
+        _masks_line(summary.get("masks")),
         _counts(summary),
         _summary_section(values, summary),
         _subjects_section(summary),
@@ -132,6 +133,18 @@ def render_report(pairs: Sequence[tuple[str, str]], scores: Mapping[str, np.ndar
 
 
 # --- sections ------------------------------------------------------------------------------------
+
+
+def _masks_line(masks: Mapping[str, Any] | None) -> str:
+    """Foreground-only runs say so above everything: their scores are not comparable with unmasked ones."""
+    if not masks:
+        return ""
+    sides = [f"{'references' if side == 'ref' else 'generations'} by "
+             + (f"the manifest column {m['column']}" if m["column"] else f"the masks in {m['folder']}")
+             + (f" (under {m['folder']})" if m["column"] and m["folder"] else "")
+             for side in ("ref", "gen") if (m := masks.get(side))]
+    return (f'<p class="bad" id="masks"><b>Foreground only</b>: {_e("; ".join(sides))}; background set to '
+            f'{_e(masks.get("fill"))}. Not comparable with unmasked scores.</p>')
 
 
 def _counts(summary: Mapping[str, Any]) -> str:
@@ -273,7 +286,7 @@ def _distribution_section(values: Mapping[str, np.ndarray], summary: Mapping[str
         ci95 = info.get("ci95")
         caption = (f"{model}: {plural(len(v), 'pair score')}; line: mean {v.mean():.{DIGITS}f}"
                    + (f"; band: 95% CI {_interval(ci95, DIGITS)}" if ci95 else ""))
-        figures.append(_figure(_histogram(model, v, ci95), HISTOGRAM_SIZE, f"histogram of {model} scores", caption))
+        figures.append(figure_html(_histogram(model, v, ci95), HISTOGRAM_SIZE, f"histogram of {model} scores", caption))
     parts = ["<h2>Distribution</h2>", f'<div class="plots">{"".join(figures)}</div>']
     names = list(scored)
     if len(names) > 1:
@@ -282,14 +295,14 @@ def _distribution_section(values: Mapping[str, np.ndarray], summary: Mapping[str
             x, y = scored[names[0]], scored[other]
             r = pearson(x, y) if len(x) > 1 else math.nan
             caption = f"one point per pair; Pearson r = {'n/a' if math.isnan(r) else f'{r:.3f}'}"
-            scatters.append(_figure(_scatter(names[0], x, other, y), SCATTER_SIZE, f"{other} against {names[0]}",
+            scatters.append(figure_html(_scatter(names[0], x, other, y), SCATTER_SIZE, f"{other} against {names[0]}",
                                     caption))
         parts += ["<h3>Models against each other</h3>", f'<div class="plots">{"".join(scatters)}</div>']
     return "\n".join(parts)
 
 
 def _extremes_section(pairs: Sequence[tuple[str, str]], values: Mapping[str, np.ndarray], ref_root: str,
-                      gen_root: str, thumbs: _Thumbnails, extremes: int) -> str:
+                      gen_root: str, thumbs: Thumbnails, extremes: int) -> str:
     if not pairs:
         return ""
     parts = ["<h2>Lowest- and highest-scoring pairs</h2>"]
@@ -313,16 +326,17 @@ def _extremes_section(pairs: Sequence[tuple[str, str]], values: Mapping[str, np.
 
 
 def _pair_row(rank: int, i: int, pairs: Sequence[tuple[str, str]], values: Mapping[str, np.ndarray], model: str,
-              ref_root: str, gen_root: str, thumbs: _Thumbnails) -> str:
+              ref_root: str, gen_root: str, thumbs: Thumbnails) -> str:
     ref, gen = pairs[i]
-    cells = [f"<td>{rank}</td>", _image_cell(ref, ref_root, thumbs), _image_cell(gen, gen_root, thumbs),
+    cells = [f"<td>{rank}</td>", image_cell(ref, _relative(ref, ref_root), thumbs),
+             image_cell(gen, _relative(gen, gen_root), thumbs),
              f'<td class="num score">{values[model][i]:.{DIGITS}f}</td>']
     cells += [f'<td class="num">{v[i]:.{DIGITS}f}</td>' for m, v in values.items() if m != model]
     return f"<tr>{''.join(cells)}</tr>"
 
 
-def _image_cell(path: str, root: str, thumbs: _Thumbnails) -> str:
-    name = _relative(path, root)
+def image_cell(path: str, name: str, thumbs: Thumbnails) -> str:
+    """A table cell with the thumbnail of the file ``path`` (or "unreadable now"), captioned ``name``."""
     uri = thumbs.get(path)
     image = (f'<img src="{uri[0]}" width="{uri[1]}" height="{uri[2]}" alt="{_e(name)}">' if uri
              else '<span class="bad">(unreadable now)</span>')
@@ -369,7 +383,7 @@ def _histogram(model: str, v: np.ndarray, ci95: Sequence[float] | None) -> str:
     ax.legend(fontsize=8, frameon=False, loc="upper left")
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
-    return _png(fig)
+    return png_uri(fig)
 
 
 def _scatter(x_name: str, x: np.ndarray, y_name: str, y: np.ndarray) -> str:
@@ -383,23 +397,24 @@ def _scatter(x_name: str, x: np.ndarray, y_name: str, y: np.ndarray) -> str:
     ax.set_ylabel(f"{y_name} score")
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
-    return _png(fig)
+    return png_uri(fig)
 
 
-def _png(fig: Any) -> str:
+def png_uri(fig: Any) -> str:
+    """A matplotlib figure as a PNG ``data:`` URI (150 dpi, no software tag)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=150, metadata={"Software": None})
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _figure(uri: str, size: tuple[float, float], alt: str, caption: str) -> str:
+def figure_html(uri: str, size: tuple[float, float], alt: str, caption: str) -> str:
     """A plot shown at 100 px per inch of its figure size (the PNG has 1.5x that, for sharp text)."""
     width, height = (round(100 * inches) for inches in size)
     return (f'<figure style="max-width: {width}px"><img src="{uri}" width="{width}" height="{height}" alt="{_e(alt)}" '
             f'style="max-width: 100%; height: auto"><figcaption>{_e(caption)}</figcaption></figure>')
 
 
-class _Thumbnails:
+class Thumbnails:
     """``path -> (data URI, width, height)`` of a JPEG thumbnail, each file encoded once; None if unreadable."""
 
     def __init__(self) -> None:

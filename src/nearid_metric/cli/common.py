@@ -187,8 +187,9 @@ def unknown_scorer_message(name: str) -> str:
 def build_scorer(args: argparse.Namespace, name: str, weights: str | None,
                  preprocess: PreprocessConfig | None) -> Scorer | TextScorer:
     """One ``--model`` scorer with the device, precision and compile flags of ``args``."""
-    options = dict(pretrained=weights, revision=args.revision, device=args.device, precision=args.precision,
-                   preprocess=preprocess)
+    options = dict(pretrained=weights, revision=args.revision, device=args.device, precision=args.precision)
+    if preprocess is not None:  # a protocol's own transform in place of the weights'
+        options["preprocess"] = preprocess
     if name in TEXT_SCORERS:
         return create_text_scorer(name, **options)
     return create_scorer(name, compile=args.compile, **options)

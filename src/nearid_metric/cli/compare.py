@@ -7,7 +7,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from nearid_metric.cli.common import EXIT_OK, add_ci_arguments, command_parser, logger, run_command
+from nearid_metric.cli.common import (
+    EXIT_OK,
+    add_ci_arguments,
+    check_output_folder,
+    command_parser,
+    logger,
+    run_command,
+)
 from nearid_metric.compare import compare_runs, format_comparison, read_run
 from nearid_metric.outputs import write_json
 
@@ -28,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-different-signatures", action="store_true",
                         help="compare even when a model's signatures differ (other weights, precision or version)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the comparison as JSON")
+    parser.add_argument("--report", type=Path, metavar="FILE",
+                        help="also write a self-contained HTML page: the table, a scatter of B against A per model, "
+                             "the largest gains and losses as thumbnails, pairs in one run only; needs pip install "
+                             "'nearid-metric[report]'")
     add_ci_arguments(parser, groups=False)
     return parser
 
@@ -38,9 +49,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.json is not None and args.json.is_dir():
         parser.error(f"--json {args.json} is a folder; give a file name")
+    if args.report is not None:
+        from nearid_metric.report import require_matplotlib
+
+        try:
+            require_matplotlib()
+        except ImportError as e:
+            parser.error(str(e))
+        if args.report.is_dir():
+            parser.error(f"--report {args.report} is a folder; give the HTML file to write")
+        check_output_folder(args.report.parent, "--report's folder", parser)
 
     def command() -> int:
-        result = compare_runs(read_run(args.run_a), read_run(args.run_b), groups=args.groups,
+        run_a, run_b = read_run(args.run_a), read_run(args.run_b)
+        result = compare_runs(run_a, run_b, groups=args.groups,
                               allow_different_signatures=args.allow_different_signatures,
                               resamples=None if args.ci == "none" else args.ci_resamples, seed=args.ci_seed)
         if result["signatures_differ"]:
@@ -58,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{'pairs' if unit == 'pair' else unit + ' groups'} resampled")
         if args.json is not None:
             write_json(args.json, result)
+        if args.report is not None:
+            from nearid_metric.compare_report import write_comparison_report
+
+            write_comparison_report(args.report, run_a, run_b, result)
+            logger.info("report written to %s", args.report)
         return EXIT_OK
 
     return run_command("nearid-score compare", command)

@@ -29,6 +29,13 @@ from nearid_metric.cli.common import (
     positive_int,
     run_command,
 )
+from nearid_metric.cli.foreground import (
+    add_mask_arguments,
+    foreground_pairs,
+    masks_summary,
+    run_signature,
+    score_foreground,
+)
 from nearid_metric.distributed import (
     launched_by_torchrun,
     missing_torchrun_variables,
@@ -55,7 +62,7 @@ from nearid_metric.pairing import (
 from nearid_metric.prompts import lookup_prompts, read_prompts
 from nearid_metric.protocols import PROTOCOLS, Protocol, ProtocolInputs, protocol_inputs, scale_scores
 from nearid_metric.report import describe_ci
-from nearid_metric.runs import AnyScorer, is_text_scorer, run_summary, score_run
+from nearid_metric.runs import AnyScorer, is_text_scorer, run_summary
 from nearid_metric.subjects import format_subject_table
 from nearid_metric.text import TEXT_SCORERS
 
@@ -114,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write a self-contained HTML report (summary, histograms, lowest- and highest-"
                              "scoring pairs, failed files); needs pip install 'nearid-metric[report]'")
     add_ci_arguments(parser, groups=True)
+    add_mask_arguments(parser)
     parser.add_argument("--strict", action="store_true",
                         help="exit 1 if any file failed, was unmatched or ambiguous")
     parser.add_argument("--distributed", action="store_true",
@@ -273,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         inputs = make_inputs(args, parser, protocol, needs_prompts)
         args.groups = ci_groups(args, parser, inputs.pairing)
         preprocess = {} if protocol is None else {c.scorer: c.preprocess for c in protocol.columns if c.preprocess}
+        args.foreground = foreground_pairs(args, parser, inputs.pairing)
         with process_group(args.device) if args.distributed else nullcontext(None) as device:
             if device is not None:
                 args.device = str(device)
@@ -306,11 +315,9 @@ def run(args: argparse.Namespace, inputs: ProtocolInputs, scorers: dict[str, Any
     real = ceiling_pairs(pairing.subject_refs) if args.ceiling else []
     floor = floor_pairs(pairing.subject_refs, subject_generations(pairing), max_pairs=args.floor_pairs,
                         seed=args.ci_seed) if args.calibrate else []
-    result = score_run(scorers, pairing.pairs, prompts=inputs.prompts,
-                       extra_pairs=[(a, b) for _, a, b in [*real, *floor]],
-                       batch_size=args.batch_size, num_workers=args.num_workers,
-                       progress=False if args.no_progress else None, cache_dir=args.cache,
-                       distributed=args.distributed)
+    result, extra_pairs = score_foreground(args, pairing, scorers, inputs.prompts, [*real, *floor])
+    real_set = set(real)  # the extra pairs scored (those with a masked image missing are left out), in order
+    real, floor = [p for p in extra_pairs if p in real_set], [p for p in extra_pairs if p not in real_set]
     ok = result.scored
     scored = [pair for pair, good in zip(pairing.pairs, ok.tolist()) if good]
     problems = result.failures or pairing.unmatched_refs or pairing.unmatched_gens or pairing.ambiguous
@@ -347,8 +354,8 @@ def run(args: argparse.Namespace, inputs: ProtocolInputs, scorers: dict[str, Any
                           subjects=pairing.subjects, ceilings=ceilings, categories=inputs.categories,
                           groups=getattr(args, "groups", None), unit=args.ci_groups,
                           resamples=None if args.ci == "none" else args.ci_resamples, seed=args.ci_seed)
-    signatures = {column: scorer.signature + (f"|{protocol.signature_suffix(scorer.name)}" if protocol else "")
-                  for column, scorer in scorers.items()}
+    signatures = {column: run_signature(scorer, args) + (f"|{protocol.signature_suffix(scorer.name)}" if protocol
+                                                          else "") for column, scorer in scorers.items()}
     summary = {
         "models": {column: {"signature": signatures[column], "scale": scales[column], **figures["models"][column],
                             **({"calibration": checks[column]["calibration"]} if args.calibrate and column in checks
@@ -358,6 +365,7 @@ def run(args: argparse.Namespace, inputs: ProtocolInputs, scorers: dict[str, Any
         "pairing": args.pairing,
         "ref": str(inputs.ref_root),
         "gen": str(inputs.gen_root),
+        "masks": masks_summary(args),
         "pairs_total": len(pairing.pairs),
         "pairs_scored": len(scored),
         "pairs_skipped": len(pairing.pairs) - len(scored),
