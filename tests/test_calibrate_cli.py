@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from conftest import random_image
+from PIL import Image
+from test_report import chromium, needs_browser
 
 from nearid_metric.calibration import HASH_DISTANCE, difference_hash, hash_distance
 from nearid_metric.cli.score import main
@@ -94,3 +97,19 @@ def test_calibrated_view_in_the_report(subject_set, checkpoint_dir, tmp_path):
     assert run(ref, gen, checkpoint_dir, tmp_path / "o", "--calibrate", "--report", report) == 0
     html = report.read_text()
     assert "Calibrated scores" in html and 'data-calibration="nearid"' in html and 'class="range"' in html
+
+
+@needs_browser
+def test_calibrated_view_renders_in_headless_chromium(subject_set, checkpoint_dir, tmp_path):
+    ref, gen = subject_set
+    report = tmp_path / "r.html"
+    assert run(ref, gen, checkpoint_dir, tmp_path / "o", "--calibrate", "--report", report) == 0
+    dom = chromium(report, tmp_path / "profile", "--dump-dom")
+    assert "Calibrated scores" in dom and "Per subject" in dom and "Copies" in dom
+    shot = tmp_path / "shot.png"
+    chromium(report, tmp_path / "profile", "--window-size=1280,2400", f"--screenshot={shot}")
+    picture = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int64)
+    # the floor-to-ceiling bars: their gradient runs from #f3d5d5 (floor) to #d4ecd9 (ceiling)
+    pink = (np.abs(picture - [0xF3, 0xD5, 0xD5]).sum(axis=2) < 12).sum()
+    green = (np.abs(picture - [0xD4, 0xEC, 0xD9]).sum(axis=2) < 12).sum()
+    assert pink > 50 and green > 50
