@@ -207,7 +207,7 @@ def test_clip_with_exact_gelu_matches_transformers(tmp_path):
 
 def test_clip_config_read_as_transformers_reads_it():
     """Missing fields take CLIPVisionConfig's defaults; an older file's vision_config_dict wins over vision_config."""
-    from nearid_metric.convert import clip_vision_config
+    from nearid_metric.convert_clip import clip_vision_config
 
     config = clip_vision_config({"vision_config": {"hidden_size": 1024, "patch_size": 14},
                                  "vision_config_dict": {"patch_size": 16}})
@@ -247,7 +247,7 @@ def test_dinov2_position_grid_resampled_as_transformers(hf_dinov2):
     resampling would differ, so the choice is visible."""
     from timm.layers import resample_abs_pos_embed
 
-    from nearid_metric.convert import resample_position_embeddings
+    from nearid_metric.convert_vit import resample_position_embeddings
 
     _, model = hf_dinov2
     pos = model.embeddings.position_embeddings.detach()

@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from nearid_metric.convert import load_clip_visual, load_dinov2
+from nearid_metric.convert_clip import load_clip_visual
+from nearid_metric.convert_vit import load_dinov2
 from nearid_metric.hub import CHECKPOINT_FILES, Checkpoint, registry, resolve_checkpoint
 from nearid_metric.model import TokenMean, load_checkpoint_trunk
 from nearid_metric.preprocess import (
