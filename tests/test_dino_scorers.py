@@ -12,7 +12,6 @@ sizes in several modes: compared exactly. Embeddings: transformers ``ViTModel`` 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import pytest
@@ -71,7 +70,8 @@ def test_torchvision_eval_equals_torchvision(after_crop, mean, std, shortest, cr
 
 def test_rgb_after_crop_is_not_the_same_as_first():
     """The conversion order changes the pixels of palette and RGBA images (so the after-crop test is not vacuous)."""
-    first, after = (torchvision_eval(256, 224, IMAGENET_MEAN, IMAGENET_STD, rgb_mode=m) for m in ("convert", "after_crop"))
+    first, after = (torchvision_eval(256, 224, IMAGENET_MEAN, IMAGENET_STD, rgb_mode=mode)
+                    for mode in ("convert", "after_crop"))
     differ = {image.mode for image in images() if not torch.equal(preprocess(image, first), preprocess(image, after))}
     assert {"P", "RGBA"} <= differ and "RGB" not in differ
 
@@ -79,7 +79,8 @@ def test_rgb_after_crop_is_not_the_same_as_first():
 def test_describe_tells_apart_what_gives_other_pixels():
     base = torchvision_eval(256, 224, IMAGENET_MEAN, IMAGENET_STD)
     assert base.describe() == "shortest256-crop224x224-bicubic-rgb_convert"
-    assert dataclasses.replace(base, rgb_mode="after_crop").describe() == "shortest256-crop224x224-bicubic-rgb_after_crop"
+    after_crop = dataclasses.replace(base, rgb_mode="after_crop")
+    assert after_crop.describe() == "shortest256-crop224x224-bicubic-rgb_after_crop"
     assert PreprocessConfig.from_dict(DINOV2_PREPROCESSOR).describe() == "shortest256-crop224x224-bicubic-crop_floor"
     assert dataclasses.replace(base, rgb_mode="white").describe() == "shortest256-crop224x224-bicubic"
     assert base.describe(normalization=True) == base.describe() + "-mean0.485,0.456,0.406-std0.229,0.224,0.225"
@@ -119,7 +120,7 @@ def save_vit(folder: Path, config, *, pooler: bool, seed: int):
     return model
 
 
-# eps: transformers' default 1e-12 (as facebook/dino-vits* have it) or a large one, so reading it from config.json matters
+# eps: transformers' default 1e-12 (as facebook/dino-vits* have it) or a large one, so that reading it matters
 DINO_CASES = {"dino-vits16": dict(patch=16, changes={}, pooler=True),
               "dino-vits8": dict(patch=8, changes=dict(layer_norm_eps=0.1, qkv_bias=False), pooler=False)}
 
@@ -230,7 +231,8 @@ def test_dino_refuses_other_folders(hf_dino, tmp_path):
     from transformers import Dinov2Config, Dinov2Model
 
     name, folder, _ = hf_dino
-    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=4)).save_pretrained(tmp_path / "v2")
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=4)).save_pretrained(
+        tmp_path / "v2")
     with pytest.raises(FileNotFoundError, match="transformers, timm"):
         create_scorer(name, pretrained=tmp_path / "v2", device="cpu")
     stray = tmp_path / "stray"
@@ -278,13 +280,14 @@ def test_dinov2_small_matches_transformers(hf_dinov2_small):
 
 
 def test_explicit_preprocessing_replaces_the_weights_own(hf_dino, hf_dinov2_small):
-    """CustomConcept101's DINO (RGB after the crop): pixels equal its torchvision transform, and the signature says so."""
+    """CustomConcept101's DINO (RGB after the crop): pixels equal its torchvision transform; the signature says so."""
     name, folder, model = hf_dino
     after_crop = torchvision_eval(256, 224, IMAGENET_MEAN, IMAGENET_STD, rgb_mode="after_crop")
     default = create_scorer(name, pretrained=folder, device="cpu")
     custom = create_scorer(name, pretrained=folder, device="cpu", preprocess=after_crop)
     pictures = images()
-    pixels = torch.stack([torchvision_transform(IMAGENET_MEAN, IMAGENET_STD, rgb_after_crop=True)(im) for im in pictures])
+    reference = torchvision_transform(IMAGENET_MEAN, IMAGENET_STD, rgb_after_crop=True)
+    pixels = torch.stack([reference(image) for image in pictures])
     assert custom.preprocess_config == after_crop and torch.equal(scorer_pixels(custom, pictures), pixels)
     assert (custom.embed(pictures) - class_token(model, pixels)).abs().max() < TOL
     detail = "|transformers:shortest256-crop224x224-bicubic-rgb_after_crop-mean0.485,0.456,0.406-std0.229,0.224,0.225|"

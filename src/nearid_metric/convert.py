@@ -106,7 +106,8 @@ def read_tensors(path: Path, *, dtype: torch.dtype, device: torch.device | str,
     """The tensors of a safetensors file, read onto ``device``, floating-point ones cast to ``dtype``.
 
     Each tensor is read where it will run and cast before the next is read, so the file is never
-    held twice (the cast is a no-op when the file holds ``dtype``). Tensors whose names start with one of ``skip`` are not read.
+    held twice (the cast is a no-op when the file holds ``dtype``). Tensors whose names start
+    with one of ``skip`` are not read.
     """
     with safe_open(path, framework="pt", device=str(device)) as f:
         return {name: cast(f.get_tensor(name), dtype) for name in f.keys() if not (skip and name.startswith(skip))}

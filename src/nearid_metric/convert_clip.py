@@ -35,35 +35,32 @@ _LAYER_RENAMES = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", 
                   "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 
-VISION_KEYS = KeyTable(
-    family="CLIP",
-    renames={
-        "vision_model.embeddings.class_embedding": "class_embedding",
-        "vision_model.embeddings.patch_embedding.weight": "conv1.weight",
-        "vision_model.embeddings.position_embedding.weight": "positional_embedding",
-        "vision_model.pre_layrnorm.weight": "ln_pre.weight",  # sic: transformers' spelling
-        "vision_model.pre_layrnorm.bias": "ln_pre.bias",
-        "vision_model.post_layernorm.weight": "ln_post.weight",
-        "vision_model.post_layernorm.bias": "ln_post.bias",
-        "visual_projection.weight": "proj",
-    },
-    layers="vision_model.encoder.layers.", layer_target="transformer.resblocks.{layer}",
-    layer_renames=_LAYER_RENAMES, qkv=_QKV, qkv_target="attn.in_proj_{param}",
-    skipped=("vision_model.embeddings.position_ids",),  # a buffer older checkpoints saved
-)
-TEXT_KEYS = KeyTable(
-    family="CLIP text",
-    renames={
-        "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
-        "text_model.embeddings.position_embedding.weight": "positional_embedding",
-        "text_model.final_layer_norm.weight": "ln_final.weight",
-        "text_model.final_layer_norm.bias": "ln_final.bias",
-        "text_projection.weight": "text_projection",
-    },
-    layers="text_model.encoder.layers.", layer_target="transformer.resblocks.{layer}",
-    layer_renames=_LAYER_RENAMES, qkv=_QKV, qkv_target="attn.in_proj_{param}",
-    skipped=("text_model.embeddings.position_ids",),
-)
+
+def _tower_keys(family: str, tower: str, renames: Mapping[str, str]) -> KeyTable:
+    """A CLIP tower's table (``tower``: ``vision_model`` or ``text_model``): its own ``renames``, the encoder
+    layers shared by both towers, and the ``position_ids`` buffer older checkpoints saved, skipped."""
+    return KeyTable(family=family, renames=renames, layers=f"{tower}.encoder.layers.",
+                    layer_target="transformer.resblocks.{layer}", layer_renames=_LAYER_RENAMES, qkv=_QKV,
+                    qkv_target="attn.in_proj_{param}", skipped=(f"{tower}.embeddings.position_ids",))
+
+
+VISION_KEYS = _tower_keys("CLIP", "vision_model", {
+    "vision_model.embeddings.class_embedding": "class_embedding",
+    "vision_model.embeddings.patch_embedding.weight": "conv1.weight",
+    "vision_model.embeddings.position_embedding.weight": "positional_embedding",
+    "vision_model.pre_layrnorm.weight": "ln_pre.weight",  # sic: transformers' spelling
+    "vision_model.pre_layrnorm.bias": "ln_pre.bias",
+    "vision_model.post_layernorm.weight": "ln_post.weight",
+    "vision_model.post_layernorm.bias": "ln_post.bias",
+    "visual_projection.weight": "proj",
+})
+TEXT_KEYS = _tower_keys("CLIP text", "text_model", {
+    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+    "text_model.final_layer_norm.weight": "ln_final.weight",
+    "text_model.final_layer_norm.bias": "ln_final.bias",
+    "text_projection.weight": "text_projection",
+})
 _TEXT_TOWER = ("text_model.", "text_projection.", "logit_scale")
 _VISION_TOWER = ("vision_model.", "visual_projection.", "logit_scale")
 
@@ -116,8 +113,12 @@ def convert_clip_text_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict
     return convert_keys(state_dict, TEXT_KEYS, {"text_projection": _transposed})
 
 
-def _norm(eps: float) -> partial:
-    return partial(OpenClipLayerNorm, eps=eps)
+def _transformer_args(tower: Mapping[str, Any], output_dim: int) -> dict[str, Any]:
+    """The constructor arguments open_clip's image and text towers share, from a tower's config fields."""
+    return dict(width=tower["hidden_size"], layers=tower["num_hidden_layers"], heads=tower["num_attention_heads"],
+                mlp_ratio=mlp_ratio(tower["intermediate_size"], tower["hidden_size"]), output_dim=output_dim,
+                act_layer=_ACTIVATIONS[tower["hidden_act"]],
+                norm_layer=partial(OpenClipLayerNorm, eps=tower["layer_norm_eps"]))
 
 
 def load_clip_visual(folder: Path, *, dtype: torch.dtype, device: torch.device | str) -> OpenClipVisionTransformer:
@@ -132,19 +133,9 @@ def load_clip_visual(folder: Path, *, dtype: torch.dtype, device: torch.device |
     state = convert_clip_state_dict(read_tensors(weights, dtype=dtype, device=device, skip=_TEXT_TOWER))
     if "proj" not in state:
         raise KeyError(f"{weights} has no visual_projection.weight: not a CLIPModel checkpoint")
-    width = vision["hidden_size"]
     with torch.device("meta"):
-        model = OpenClipVisionTransformer(
-            image_size=vision["image_size"],
-            patch_size=vision["patch_size"],
-            width=width,
-            layers=vision["num_hidden_layers"],
-            heads=vision["num_attention_heads"],
-            mlp_ratio=mlp_ratio(vision["intermediate_size"], width),
-            output_dim=state["proj"].shape[1],
-            act_layer=_ACTIVATIONS[vision["hidden_act"]],
-            norm_layer=_norm(vision["layer_norm_eps"]),
-        )
+        model = OpenClipVisionTransformer(image_size=vision["image_size"], patch_size=vision["patch_size"],
+                                          **_transformer_args(vision, state["proj"].shape[1]))
     return load_strict(model, state)
 
 
@@ -162,21 +153,11 @@ def load_clip_text(folder: Path, *, dtype: torch.dtype, device: torch.device | s
     state = convert_clip_text_state_dict(read_tensors(weights, dtype=dtype, device=device, skip=_VISION_TOWER))
     if "text_projection" not in state:
         raise KeyError(f"{weights} has no text_projection.weight: not a CLIPModel checkpoint")
-    width, eos = text["hidden_size"], text["eos_token_id"]
+    eos = text["eos_token_id"]
     with torch.device("meta"):
-        model = TextTransformer(
-            context_length=text["max_position_embeddings"],
-            vocab_size=text["vocab_size"],
-            width=width,
-            heads=text["num_attention_heads"],
-            layers=text["num_hidden_layers"],
-            mlp_ratio=mlp_ratio(text["intermediate_size"], width),
-            output_dim=state["text_projection"].shape[1],
-            pool_type="argmax" if eos == LEGACY_EOS_TOKEN_ID else "eos",
-            eos_id=eos,
-            act_layer=_ACTIVATIONS[text["hidden_act"]],
-            norm_layer=_norm(text["layer_norm_eps"]),
-        )
+        model = TextTransformer(context_length=text["max_position_embeddings"], vocab_size=text["vocab_size"],
+                                pool_type="argmax" if eos == LEGACY_EOS_TOKEN_ID else "eos", eos_id=eos,
+                                **_transformer_args(text, state["text_projection"].shape[1]))
     with torch.device(device):
         model.attn_mask = model.build_causal_mask().to(dtype)  # a buffer no checkpoint holds
     return load_strict(model, state)

@@ -339,9 +339,10 @@ def resolve_layout(name: str, pretrained: str | os.PathLike | None = None,
     """Scorer ``name``'s checkpoint (``pretrained`` as in :func:`create_scorer`) and the layout it is in.
 
     The first of :attr:`ScorerInfo.layouts` that the folder (or Hub repo) is in (:meth:`Layout.holds`:
-    its files, and what ``accepts`` checks); else FileNotFoundError naming what each lacks. With several layouts, a layout's small files are
-    fetched before its weights, so a Hub repo in another layout (e.g. timm's CLIP repos, which
-    also hold a timm ``model.safetensors``) costs no download of weights that are not read.
+    its files, and what ``accepts`` checks); else FileNotFoundError naming what each lacks. With
+    several layouts, a layout's small files are fetched (and checked) before its weights, so a Hub
+    repo in another layout (e.g. timm's CLIP repos, which also hold a timm ``model.safetensors``)
+    costs no download of weights that are not read.
     """
     info = scorer_info(name)
     source = pretrained if pretrained is not None else info.weights

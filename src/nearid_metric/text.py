@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -38,23 +39,27 @@ TEXT_FILES = (*CHECKPOINT_FILES, *TOKENIZER_FILES)
 TEXT_BATCH = 256  # prompts per forward pass when none is given
 
 
+@dataclass(eq=False)
 class TextScorer:
     """Prompts -> L2-normalised CLIP text embeddings [N, E], comparable with :attr:`image_scorer`'s image embeddings.
 
     Build it with :func:`create_text_scorer`. ``encoder`` maps token ids [B, L] (on ``device``)
-    to projected embeddings [B, E]; ``tokenizer`` turns texts into those ids.
+    to projected embeddings [B, E]; ``tokenizer`` turns texts into those ids; ``image_scorer`` is
+    the CLIP-I scorer of the same weights.
     """
 
-    def __init__(self, encoder: torch.nn.Module, tokenizer: ClipTokenizer, image_scorer: Scorer, *, name: str,
-                 signature: str, device: torch.device, precision: str = "fp32"):
-        self.encoder = encoder
-        self.tokenizer = tokenizer
-        self.image_scorer = image_scorer
-        self.name = name
-        self.signature = signature
-        self.device = device
-        self.precision = precision
-        self.embed_dim = image_scorer.embed_dim
+    encoder: torch.nn.Module
+    tokenizer: ClipTokenizer
+    image_scorer: Scorer
+    name: str
+    signature: str
+    device: torch.device
+    precision: str = "fp32"
+
+    @property
+    def embed_dim(self) -> int:
+        """Width E of the text (and image) embeddings."""
+        return self.image_scorer.embed_dim
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         """Prompts -> token ids [N, L] int64 (L = 77 for CLIP: start, tokens truncated, end, then 0s)."""
