@@ -207,7 +207,7 @@ def test_clip_with_exact_gelu_matches_transformers(tmp_path):
 
 def test_clip_config_read_as_transformers_reads_it():
     """Missing fields take CLIPVisionConfig's defaults; an older file's vision_config_dict wins over vision_config."""
-    from nearid_metric.convert import clip_vision_config
+    from nearid_metric.convert_clip import clip_vision_config
 
     config = clip_vision_config({"vision_config": {"hidden_size": 1024, "patch_size": 14},
                                  "vision_config_dict": {"patch_size": 16}})
@@ -247,7 +247,7 @@ def test_dinov2_position_grid_resampled_as_transformers(hf_dinov2):
     resampling would differ, so the choice is visible."""
     from timm.layers import resample_abs_pos_embed
 
-    from nearid_metric.convert import resample_position_embeddings
+    from nearid_metric.convert_vit import resample_position_embeddings
 
     _, model = hf_dinov2
     pos = model.embeddings.position_embeddings.detach()
@@ -270,12 +270,12 @@ def test_signature_names_layout_and_preprocessing(hf_clip, hf_dinov2, clip_folde
     name, folder, _ = hf_clip
     from_hf = create_scorer(name, pretrained=folder, device="cpu").signature
     from_open_clip = create_scorer(name, pretrained=clip_folder, device="cpu").signature
-    assert "|transformers:shortest224-crop224x224-bicubic|fp32|" in from_hf
-    assert "|open_clip:shortest32-crop32x32-bicubic|fp32|" in from_open_clip  # TINY_CLIP's 32 px
+    assert "|transformers:shortest224-crop224x224-bicubic-crop_floor|fp32|" in from_hf
+    assert "|open_clip:shortest32-crop32x32-bicubic-rgb_convert|fp32|" in from_open_clip  # TINY_CLIP's 32 px
     dinov2 = create_scorer("dinov2", pretrained=hf_dinov2[0], device="cpu").signature
     dinov2_518 = create_scorer("dinov2-518", pretrained=dino_folder, device="cpu").signature
-    assert dinov2.startswith("dinov2:local:") and "|transformers:shortest256-crop224x224-bicubic|" in dinov2
-    assert dinov2_518.startswith("dinov2-518:local:") and "|timm:shortest56-crop56x56-bicubic|" in dinov2_518
+    assert dinov2.startswith("dinov2:local:") and "|transformers:shortest256-crop224x224-bicubic-crop_floor|" in dinov2
+    assert dinov2_518.startswith("dinov2-518:local:") and "|timm:shortest56-crop56x56-bicubic-rgb_convert|" in dinov2_518
 
 
 def test_text_tower_is_not_read(hf_clip, monkeypatch):
@@ -338,7 +338,7 @@ def test_refusals_name_the_problem(hf_clip, hf_dinov2, dino_folder, tmp_path):
         create_scorer(name, pretrained=stray, device="cpu")
     cropped = copy_folder(folder, tmp_path / "cropped")
     write_preprocessor(cropped, {**CLIP_PREPROCESSOR, "crop_size": 196})
-    with pytest.raises(ValueError, match="crops to 196x196"):
+    with pytest.raises(ValueError, match="gives 196x196 pixels, but the encoder takes 224x224"):
         create_scorer(name, pretrained=cropped, device="cpu")
     swiglu = copy_folder(hf_dinov2[0], tmp_path / "swiglu", use_swiglu_ffn=True)
     with pytest.raises(ValueError, match="SwiGLU"):

@@ -267,17 +267,24 @@ def test_baseline_embed_names_bad_file(tmp_path, clip_folder):
 
 
 def test_registry_matches_scorers():
-    """Each scorer's default weights are registered, with the files that scorer needs, and cross-referenced."""
+    """Each scorer's default weights are registered, with the files that scorer needs (an entry shared with a
+    text scorer lists the text tower's files too), and cross-referenced."""
     from nearid_metric.hub import registry
     from nearid_metric.scorers import SCORERS
+    from nearid_metric.text import TEXT_FILES, TEXT_SCORERS
 
     for name, info in SCORERS.items():
         entry = registry()[info.weights]
-        assert tuple(entry["files"]) == info.files, name
+        assert tuple(entry["files"][:len(info.files)]) == info.files, name
         assert info.weights_file in info.files
         assert name in entry["scorers"], name
+    for name, weights in TEXT_SCORERS.items():
+        entry = registry()[weights]
+        assert tuple(entry["files"]) == TEXT_FILES and entry["text_scorers"] == [name], name
     for key, entry in registry().items():
         assert all(SCORERS[name].weights == key for name in entry["scorers"]), key
+        assert all(TEXT_SCORERS[name] == key for name in entry.get("text_scorers", [])), key
+        assert set(entry["files"]) in ({*SCORERS[entry["scorers"][0]].files}, {*TEXT_FILES}), key
         assert (Path(__file__).parents[1] / entry["card"]).is_file(), entry["card"]
 
 

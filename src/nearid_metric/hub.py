@@ -63,9 +63,12 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = N
                        files: tuple[str, ...] = CHECKPOINT_FILES) -> Checkpoint:
     """Find a checkpoint folder: a local folder, a registry name, or a Hub repo id.
 
-    ``files``: what the folder must hold (a registry entry names its own). Hub downloads go
-    through ``huggingface_hub.snapshot_download`` (its cache, revisions, ``HF_HUB_OFFLINE`` /
-    ``HF_HUB_CACHE``), fetching only those files, so no pickled weights are ever fetched.
+    ``files``: what the folder must hold. A registry entry names the files its repo provides
+    (its ``files``): all of them are fetched, and those of them in ``files`` are required (so
+    one entry serves scorers that read different parts of it, e.g. ``clip-i`` and ``clip-t``).
+    Hub downloads go through ``huggingface_hub.snapshot_download`` (its cache, revisions,
+    ``HF_HUB_OFFLINE`` / ``HF_HUB_CACHE``), fetching only those files, so no pickled weights are
+    ever fetched.
     A folder inside the Hub cache (``.../models--org--name/snapshots/<commit>``) is
     recognised, so it gets the same source and revision as a download would; so is a folder
     written by :func:`download_checkpoint` (its ``nearid-weights.json``).
@@ -84,7 +87,8 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = N
         kind = "is not a folder" if path.exists() else "does not exist"
         raise FileNotFoundError(f"no such checkpoint folder: {name} {kind}")
     entry = registry().get(name)
-    files = tuple(entry["files"]) if entry else files
+    fetch = tuple(entry["files"]) if entry else files
+    required = tuple(f for f in fetch if f in files) if entry else files
     repo_id = entry["repo_id"] if entry else name
     revision = revision or (entry["revision"] if entry else None)
     if repo_id.count("/") != 1 or os.path.isabs(repo_id):
@@ -95,16 +99,16 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = N
 
     logger.info("fetching %s (revision %s) from the Hugging Face Hub or its local cache", repo_id, revision or "main")
     try:
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(files)))
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(fetch)))
     except LocalEntryNotFoundError as e:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         raise HubUnreachableError(
             f"{repo_id} (revision {revision or 'main'}) is not a local folder, not in the local Hugging Face "
             f"cache, and the Hub cannot be reached ({'HF_HUB_OFFLINE is set' if offline else 'no network'}: {e})."
         ) from None
-    _check_files(folder, files)
+    _check_files(folder, required)
     where = f"the registry (entry '{name}')" if entry else "the registry"
-    verify_sha256(folder, recorded_sha256(repo_id, folder.name, revision), where, files)
+    verify_sha256(folder, recorded_sha256(repo_id, folder.name, revision), where, fetch)
     return Checkpoint(folder, repo_id, folder.name)
 
 

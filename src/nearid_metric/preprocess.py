@@ -9,7 +9,9 @@ DINOv2's ``BitImageProcessor``; crop offsets floored as transformers does), then
 and normalise.
 For open_clip and timm folders it reproduces their eval transforms (``open_clip_config.json``
 / timm's ``pretrained_cfg``): plain ``convert("RGB")``, resize the shortest edge, centre crop
-(offsets rounded as torchvision does), then ``ToTensor`` + ``Normalize``.
+(offsets rounded as torchvision does), then ``ToTensor`` + ``Normalize``; :func:`torchvision_eval`
+gives the same for a benchmark's own torchvision transform (DINO's eval transform; with
+``rgb_mode="after_crop"`` CustomConcept101's, which converts to RGB after the crop).
 
 Resizing happens on uint8 PIL images (in data-loader workers); rescale + normalise is a
 per-channel 256-entry lookup table applied on the device, which gives the reference's
@@ -30,7 +32,7 @@ from PIL import Image
 from nearid_metric.hub import read_json
 
 RESIZE_MODES = ("squash", "shortest")
-RGB_MODES = ("white", "convert")
+RGB_MODES = ("white", "convert", "after_crop")
 CROP_OFFSETS = ("round", "floor")
 # transformers processors that read an int ``size`` as the shortest edge (``default_to_square=False``);
 # the others read it as a square. Older files (e.g. openai/clip-*) name the class as a feature extractor.
@@ -38,6 +40,13 @@ _SHORTEST_EDGE_PROCESSORS = frozenset({"CLIPImageProcessor", "CLIPFeatureExtract
 MAX_SIDE = 8192  # largest model input side accepted from a preprocessor config
 _RESAMPLE_CODES = tuple(int(f) for f in Image.Resampling)  # 0 nearest .. 5 hamming
 _PIL_FILTERS = {"bilinear": int(Image.Resampling.BILINEAR), "bicubic": int(Image.Resampling.BICUBIC)}
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+"""ImageNet per-channel mean / std of [0, 1] pixels (DINO, DINOv2)."""
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+"""OpenAI CLIP's per-channel mean / std of [0, 1] pixels."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +57,9 @@ class PreprocessConfig:
     resizes the shortest edge to ``shortest_edge`` (aspect kept, as torchvision's
     ``Resize(int)``) then centre-crops (height, width) (CLIP, DINOv2).
     ``rgb_mode``: ``white`` composites non-RGB images on white through RGBA (transformers'
-    processors); ``convert`` is PIL's plain ``convert("RGB")`` (open_clip, timm loaders).
+    processors); ``convert`` is PIL's plain ``convert("RGB")`` (open_clip, timm loaders);
+    ``after_crop`` resizes and crops in the image's own mode, then calls ``convert("RGB")``
+    (CustomConcept101's transform; palette images then resize with nearest, as PIL does for them).
     ``crop_offset``: how the centre crop's top-left corner is rounded when the margin is odd:
     ``round`` half to even (torchvision's ``CenterCrop``), ``floor`` (transformers'
     ``center_crop``, which never pads here: it needs ``shortest_edge`` >= the crop size).
@@ -79,6 +90,10 @@ class PreprocessConfig:
         if self.crop_offset == "floor" and (self.shortest_edge or 0) < max(self.height, self.width):
             raise ValueError(f"shortest edge {self.shortest_edge} is below the crop {self.height}x{self.width}: "
                              f"transformers' centre crop would pad, which is not reproduced")
+        if self.rgb_mode == "after_crop" and self.resize_mode == "shortest" and self.shortest_edge < max(
+                self.height, self.width):
+            raise ValueError(f"shortest edge {self.shortest_edge} is below the crop {self.height}x{self.width}: "
+                             f"padding in the image's own mode (rgb_mode 'after_crop') is not reproduced")
 
     @classmethod
     def from_dict(cls, config: dict) -> PreprocessConfig:
@@ -123,13 +138,32 @@ class PreprocessConfig:
                    shortest_edge=_pixels(shortest_edge, "size.shortest_edge"), crop_offset="floor",
                    **_rescale_normalize(config))
 
-    def describe(self) -> str:
-        """The resize and crop in a few characters: ``squash384x384-bilinear``, ``shortest256-crop224x224-bicubic``."""
+    def describe(self, *, normalization: bool = False) -> str:
+        """The resize and crop in a few characters: ``squash384x384-bilinear``, ``shortest256-crop224x224-bicubic``.
+
+        The crop rounding and the RGB conversion follow when they are not the defaults
+        (``-crop_floor``, ``-rgb_convert``, ``-rgb_after_crop``); ``normalization``: the rescale
+        and mean / std too (``-mean0.485,0.456,0.406-std0.229,0.224,0.225``), so that any two
+        configs giving different pixels are described differently.
+        """
         names = {code: name for name, code in _PIL_FILTERS.items()}
         resample = names.get(self.resample, f"filter{self.resample}")
         if self.resize_mode == "squash":
-            return f"squash{self.height}x{self.width}-{resample}"
-        return f"shortest{self.shortest_edge}-crop{self.height}x{self.width}-{resample}"
+            text = f"squash{self.height}x{self.width}-{resample}"
+        else:
+            text = f"shortest{self.shortest_edge}-crop{self.height}x{self.width}-{resample}"
+            if self.crop_offset != "round":
+                text += f"-crop_{self.crop_offset}"
+        if self.rgb_mode != "white":
+            text += f"-rgb_{self.rgb_mode}"
+        if normalization:
+            if not self.do_rescale or self.rescale_factor != 1 / 255:
+                text += f"-rescale{self.rescale_factor if self.do_rescale else 1}"
+            if self.do_normalize:
+                text += f"-mean{','.join(map(str, self.image_mean))}-std{','.join(map(str, self.image_std))}"
+            else:
+                text += "-unnormalized"
+        return text
 
     @classmethod
     def from_file(cls, path: str | Path) -> PreprocessConfig:
@@ -159,6 +193,25 @@ def config_from_open_clip(preprocess_cfg: Mapping, image_size: int | Sequence[in
         height=height, width=width, resample=_PIL_FILTERS[interpolation],
         image_mean=_per_channel(preprocess_cfg["mean"]), image_std=_per_channel(preprocess_cfg["std"]),
         resize_mode=mode, shortest_edge=height if mode == "shortest" else None, rgb_mode="convert",
+    )
+
+
+def torchvision_eval(shortest_edge: int, crop: int, mean: Sequence[float], std: Sequence[float], *,
+                     rgb_mode: str = "convert") -> PreprocessConfig:
+    """torchvision's ``Resize(shortest_edge, bicubic)`` + ``CenterCrop(crop)`` + ``ToTensor`` + ``Normalize(mean, std)``
+    on a PIL image, as benchmarks write their eval transform.
+
+    ``rgb_mode``: ``convert`` (``convert("RGB")`` first, e.g. DINO's transform) or ``after_crop``
+    (``convert("RGB")`` after the crop, CustomConcept101's). Sizes in pixels; mean / std per channel
+    of [0, 1] pixels (e.g. :data:`IMAGENET_MEAN`).
+    """
+    if rgb_mode not in ("convert", "after_crop"):
+        raise ValueError(f"rgb_mode must be 'convert' or 'after_crop' for a torchvision transform, got {rgb_mode!r}")
+    side = _pixels(crop, "crop")
+    return PreprocessConfig(
+        height=side, width=side, resample=_PIL_FILTERS["bicubic"],
+        image_mean=_per_channel(mean, "mean"), image_std=_per_channel(std, "std"), resize_mode="shortest",
+        shortest_edge=_pixels(shortest_edge, "shortest_edge"), rgb_mode=rgb_mode, crop_offset="round",
     )
 
 
@@ -252,19 +305,26 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def resize_to_uint8(image: Image.Image, config: PreprocessConfig) -> torch.Tensor:
-    """PIL image (any mode) -> RGB, resized (and cropped) to the model's input: uint8 tensor [3, H, W]."""
-    rgb = to_rgb(image) if config.rgb_mode == "white" else image.convert("RGB")
+    """PIL image (any mode) -> RGB, resized (and cropped) to the model's input: uint8 tensor [3, H, W].
+
+    Converted to RGB first, or (``rgb_mode="after_crop"``) resized and cropped in its own mode and converted then.
+    """
+    if config.rgb_mode == "white":
+        image = to_rgb(image)
+    elif config.rgb_mode == "convert":
+        image = image.convert("RGB")
     if config.resize_mode == "squash":
         size = (config.width, config.height)
     else:  # shortest edge -> shortest_edge, long edge truncated as torchvision does
-        w, h = rgb.size
+        w, h = image.size
         short, long = min(w, h), max(w, h)
         new_long = int(config.shortest_edge * long / short)
         size = (config.shortest_edge, new_long) if w <= h else (new_long, config.shortest_edge)
-    if rgb.size != size:
-        rgb = rgb.resize(size, resample=config.resample, reducing_gap=None)
+    if image.size != size:
+        image = image.resize(size, resample=config.resample, reducing_gap=None)
     if config.resize_mode == "shortest":
-        rgb = _center_crop(rgb, config.height, config.width, config.crop_offset)
+        image = _center_crop(image, config.height, config.width, config.crop_offset)
+    rgb = image.convert("RGB") if config.rgb_mode == "after_crop" else image
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
 
 

@@ -355,7 +355,7 @@ def signature(kind: str, checkpoint: Checkpoint, precision: str, weights_file: s
     """``kind:source@revision|sha256:<12 hex of the weights file>|[detail|]precision|v<package version>``.
 
     ``detail``: what else defines the numbers, e.g. the folder layout read and the resize / crop
-    (``transformers:shortest256-crop224x224-bicubic``).
+    (``transformers:shortest256-crop224x224-bicubic-crop_floor``).
     """
     digest = checkpoint_sha256(checkpoint.folder / weights_file)[:12]
     middle = f"{detail}|" if detail else ""

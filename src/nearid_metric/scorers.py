@@ -13,8 +13,15 @@ encoders come from the libraries that define them, loaded from safetensors only:
   :mod:`nearid_metric.convert`; an open_clip folder (``open_clip_config.json`` +
   ``open_clip_model.safetensors``) is read by open_clip's ``local-dir:`` loader;
 - ``dinov2``: ``facebook/dinov2-large`` (the paper's "DINOv2", its ``BitImageProcessor``
-  preprocessing) in a timm ViT, its final-LayerNorm class token; ``dinov2-518``: timm's own
-  DINOv2 release (``local-dir:`` loading) at its native 518 px, not the paper's.
+  preprocessing) in a timm ViT, its final-LayerNorm class token; ``dinov2-small``: the same for
+  ``facebook/dinov2-small`` (DreamBench++'s DINOv2); ``dinov2-518``: timm's own DINOv2 release
+  (``local-dir:`` loading) at its native 518 px, not the paper's;
+- ``dino-vits16`` / ``dino-vits8``: DINO v1 ViT-S/16 and ViT-S/8 (``facebook/dino-vits*``, or timm's
+  ``vit_small_patch*_224.dino`` folders), the class token after the final norm, with DINO's eval
+  transform as the benchmarks run it (not the repo's preprocessor config).
+
+``create_scorer(..., preprocess=...)`` replaces the weights' own preprocessing (e.g. a
+benchmark's torchvision transform, :func:`~nearid_metric.preprocess.torchvision_eval`).
 
 A scorer's folder layouts are tried in order; the first whose files the folder holds is read.
 """
@@ -31,13 +38,17 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from nearid_metric.convert import load_clip_visual, load_dinov2
-from nearid_metric.hub import CHECKPOINT_FILES, Checkpoint, registry, resolve_checkpoint
+from nearid_metric.convert_clip import load_clip_visual
+from nearid_metric.convert_vit import load_dino, load_dinov2
+from nearid_metric.hub import CHECKPOINT_FILES, Checkpoint, read_json, registry, resolve_checkpoint
 from nearid_metric.model import TokenMean, load_checkpoint_trunk
 from nearid_metric.preprocess import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     PreprocessConfig,
     config_from_open_clip,
     config_from_timm,
+    torchvision_eval,
 )
 from nearid_metric.scorer import (
     PRECISIONS,
@@ -52,19 +63,33 @@ logger = logging.getLogger(__name__)
 DEFAULT_CHECKPOINT = "nearid"
 """The registry entry of the released NearID weights."""
 
+DINO_EVAL = torchvision_eval(256, 224, IMAGENET_MEAN, IMAGENET_STD)
+"""DINO's eval transform as the benchmarks run it: Resize(256, bicubic) + CenterCrop(224) on RGB, ImageNet mean/std."""
+
 # (encoder on device in dtype, preprocessing, embedding width)
 Built = tuple[torch.nn.Module, PreprocessConfig, int]
-Builder = Callable[[Path, torch.dtype, torch.device], Built]
+# (folder, dtype, device, the preprocessing to use instead of the weights' own, or None) -> Built
+Builder = Callable[[Path, torch.dtype, torch.device, "PreprocessConfig | None"], Built]
 
 
 @dataclass(frozen=True)
 class Layout:
-    """A checkpoint folder format: its ``name``, the files it holds, which of them is the weights, and its builder."""
+    """A checkpoint folder format: its ``name``, the files it holds, which of them is the weights, and its builder.
+
+    ``accepts``: for layouts whose files share names with another's, whether a folder holding
+    the files (all but the weights) is in this one (e.g. from its ``config.json``).
+    """
 
     name: str
     files: tuple[str, ...]
     weights_file: str
     build: Builder
+    accepts: Callable[[Path], bool] | None = None
+
+    def holds(self, folder: Path, *, weights: bool = True) -> bool:
+        """Whether ``folder`` is in this layout: it holds the files (the weights too, unless ``weights=False``)."""
+        files = [f for f in self.files if weights or f != self.weights_file]
+        return all((folder / f).is_file() for f in files) and (self.accepts is None or self.accepts(folder))
 
 
 @dataclass(frozen=True)
@@ -76,6 +101,7 @@ class ScorerInfo:
     :attr:`layouts`). ``matches``: the published table or benchmark whose numbers this scorer
     reproduces. ``sign_preprocessing``: the signature also names the layout read and the
     resize / crop (the scorers whose numbers depend on which layout a folder is in).
+    ``accepts``: as :attr:`Layout.accepts`, for the default weights' layout.
     """
 
     name: str
@@ -90,13 +116,14 @@ class ScorerInfo:
     matches: str = ""
     also_reads: tuple[Layout, ...] = ()
     sign_preprocessing: bool = False
+    accepts: Callable[[Path], bool] | None = None
     higher_is_better: bool = Scorer.higher_is_better
     score_range: tuple[float, float] = Scorer.score_range
 
     @property
     def layouts(self) -> tuple[Layout, ...]:
         """Every folder layout this scorer reads, the default weights' first (the order they are tried in)."""
-        return (Layout(self.layout, self.files, self.weights_file, self.build), *self.also_reads)
+        return (Layout(self.layout, self.files, self.weights_file, self.build, self.accepts), *self.also_reads)
 
     @property
     def embed_dim(self) -> int:
@@ -117,51 +144,95 @@ def _fused_attention(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _build_siglip(readout: str) -> Callable[[Path, torch.dtype, torch.device], Built]:
-    def build(folder: Path, dtype: torch.dtype, device: torch.device) -> Built:
+def _input_size(folder: Path, config: PreprocessConfig, size: tuple[int, int] | int) -> PreprocessConfig:
+    """``config`` if its output (height, width) is the encoder's fixed input ``size``; else ValueError."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if (config.height, config.width) != size:
+        raise ValueError(f"{folder}: the preprocessing gives {config.height}x{config.width} pixels, but the encoder "
+                         f"takes {size[0]}x{size[1]}")
+    return config
+
+
+def _build_siglip(readout: str) -> Builder:
+    def build(folder: Path, dtype: torch.dtype, device: torch.device, preprocess: PreprocessConfig | None) -> Built:
         trunk = _fused_attention(load_checkpoint_trunk(folder, dtype=dtype, device=device, drop_text_tower=True))
         encoder = trunk if readout == "map" else TokenMean(trunk)
-        return encoder, PreprocessConfig.from_file(folder / "preprocessor_config.json"), trunk.num_features
+        config = preprocess or PreprocessConfig.from_file(folder / "preprocessor_config.json")
+        return encoder, _input_size(folder, config, trunk.patch_embed.img_size), trunk.num_features
 
     return build
 
 
-def _build_open_clip(folder: Path, dtype: torch.dtype, device: torch.device) -> Built:
+def _build_open_clip(folder: Path, dtype: torch.dtype, device: torch.device,
+                     preprocess: PreprocessConfig | None) -> Built:
     import open_clip
 
     model = open_clip.create_model(f"local-dir:{folder}", device=device)
     visual = model.visual.to(dtype).eval().requires_grad_(False)
     preprocess_cfg = open_clip.get_model_preprocess_cfg(model)
-    config = config_from_open_clip(preprocess_cfg, preprocess_cfg.get("size", visual.image_size))
-    return visual, config, visual.output_dim
+    config = preprocess or config_from_open_clip(preprocess_cfg, preprocess_cfg.get("size", visual.image_size))
+    return visual, _input_size(folder, config, visual.image_size), visual.output_dim
 
 
-def _build_clip(folder: Path, dtype: torch.dtype, device: torch.device) -> Built:
+def _build_clip(folder: Path, dtype: torch.dtype, device: torch.device, preprocess: PreprocessConfig | None) -> Built:
     visual = load_clip_visual(folder, dtype=dtype, device=device)
-    config = PreprocessConfig.from_file(folder / "preprocessor_config.json")
-    if (config.height, config.width) != tuple(visual.image_size):
-        raise ValueError(f"{folder}: preprocessor_config.json crops to {config.height}x{config.width}, but the CLIP "
-                         f"vision tower takes {visual.image_size[0]}x{visual.image_size[1]}")
-    return visual, config, visual.output_dim
+    config = preprocess or PreprocessConfig.from_file(folder / "preprocessor_config.json")
+    return visual, _input_size(folder, config, visual.image_size), visual.output_dim
 
 
-def _build_dinov2(folder: Path, dtype: torch.dtype, device: torch.device) -> Built:
-    config = PreprocessConfig.from_file(folder / "preprocessor_config.json")
+def _build_dinov2(folder: Path, dtype: torch.dtype, device: torch.device,
+                  preprocess: PreprocessConfig | None) -> Built:
+    config = preprocess or PreprocessConfig.from_file(folder / "preprocessor_config.json")
     model = _fused_attention(load_dinov2(folder, (config.height, config.width), dtype=dtype, device=device))
     return model, config, model.num_features
 
 
-def _build_timm(folder: Path, dtype: torch.dtype, device: torch.device) -> Built:
+def _build_dino(folder: Path, dtype: torch.dtype, device: torch.device, preprocess: PreprocessConfig | None) -> Built:
+    model = _fused_attention(load_dino(folder, dtype=dtype, device=device))
+    return model, _input_size(folder, preprocess or DINO_EVAL, model.patch_embed.img_size), model.num_features
+
+
+def _load_timm(folder: Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """A timm folder (``config.json`` + ``model.safetensors``) by timm's ``local-dir:`` loader: pooled class token."""
     import timm
-    from timm.data import resolve_data_config
 
     model = timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=0, global_pool="token")
-    model = _fused_attention(model.to(device=device, dtype=dtype).eval().requires_grad_(False))
-    return model, config_from_timm(resolve_data_config({}, model=model)), model.num_features
+    return _fused_attention(model.to(device=device, dtype=dtype).eval().requires_grad_(False))
+
+
+def _build_timm(folder: Path, dtype: torch.dtype, device: torch.device, preprocess: PreprocessConfig | None) -> Built:
+    from timm.data import resolve_data_config
+
+    model = _load_timm(folder, dtype, device)
+    config = preprocess or config_from_timm(resolve_data_config({}, model=model))
+    return model, _input_size(folder, config, model.patch_embed.img_size), model.num_features
+
+
+def _build_timm_dino(folder: Path, dtype: torch.dtype, device: torch.device,
+                     preprocess: PreprocessConfig | None) -> Built:
+    model = _load_timm(folder, dtype, device)
+    return model, _input_size(folder, preprocess or DINO_EVAL, model.patch_embed.img_size), model.num_features
+
+
+def _config_has(key: str, value: object = None) -> Callable[[Path], bool]:
+    """Whether a folder's ``config.json`` is an object with ``key`` (equal to ``value`` unless None)."""
+
+    def accepts(folder: Path) -> bool:
+        try:
+            config = read_json(folder / "config.json")
+        except (OSError, ValueError):
+            return False
+        return isinstance(config, dict) and key in config and (value is None or config[key] == value)
+
+    return accepts
 
 
 _OPEN_CLIP = Layout("open_clip", ("open_clip_config.json", "open_clip_model.safetensors"),
                     "open_clip_model.safetensors", _build_open_clip)
+_TIMM_FILES = ("config.json", "model.safetensors")
+_TIMM_DINO = Layout("timm", _TIMM_FILES, "model.safetensors", _build_timm_dino, accepts=_config_has("architecture"))
+_DINO = dict(readout="class token after the final norm", library="timm", build=_build_dino, also_reads=(_TIMM_DINO,),
+             sign_preprocessing=True, accepts=_config_has("model_type", "vit"))
 
 SCORERS: dict[str, ScorerInfo] = {
     info.name: info
@@ -187,7 +258,17 @@ SCORERS: dict[str, ScorerInfo] = {
                    "DINOv2 ViT-L/14", "class token after the final LayerNorm", "timm", _build_dinov2,
                    matches="NearID paper Table 1 'DINOv2' row (facebook/dinov2-large, 224-px crop)",
                    sign_preprocessing=True),
-        ScorerInfo("dinov2-518", "dinov2-vitl14", ("config.json", "model.safetensors"), "model.safetensors",
+        ScorerInfo("dinov2-small", "dinov2-small", CHECKPOINT_FILES, "model.safetensors",
+                   "DINOv2 ViT-S/14", "class token after the final LayerNorm", "timm", _build_dinov2,
+                   matches="DreamBench++ DINOv2 (facebook/dinov2-small with its BitImageProcessor)",
+                   sign_preprocessing=True),
+        ScorerInfo("dino-vits16", "dino-vits16", _TIMM_FILES, "model.safetensors", "DINO ViT-S/16 (v1)",
+                   matches="DreamBooth DINO (ViT-S/16, DINO's eval transform); CustomConcept101's DINO with its "
+                           "RGB-after-crop preprocessing (preprocess=torchvision_eval(..., rgb_mode='after_crop'))",
+                   **_DINO),
+        ScorerInfo("dino-vits8", "dino-vits8", _TIMM_FILES, "model.safetensors", "DINO ViT-S/8 (v1)",
+                   matches="DreamBench++ DINO (torch hub dino_vits8, dino_score.py's torchvision transform)", **_DINO),
+        ScorerInfo("dinov2-518", "dinov2-vitl14", _TIMM_FILES, "model.safetensors",
                    "DINOv2 ViT-L/14", "class token after the final LayerNorm", "timm", _build_timm, layout="timm",
                    matches="none: timm's native 518-px DINOv2 (not the paper's 224-px 'DINOv2')",
                    sign_preprocessing=True),
@@ -215,6 +296,7 @@ def create_scorer(
     device: str | torch.device | None = None,
     precision: str = "fp32",
     compile: bool = False,
+    preprocess: PreprocessConfig | None = None,
 ) -> Scorer:
     """Build a scorer by name (:func:`list_scorers`), all sharing ``embed / score / score_matrix / signature``.
 
@@ -225,6 +307,9 @@ def create_scorer(
     float32 either way. ``compile``: wrap the encoder in ``torch.compile`` (the first batches
     of each size are slow while it compiles; worth it for long runs on a GPU); it changes
     results only by floating-point rounding and does not enter the signature.
+    ``preprocess``: the preprocessing to use instead of the weights' own (e.g. a benchmark's
+    transform, :func:`~nearid_metric.preprocess.torchvision_eval`); its output size must be the
+    encoder's input size, and the signature then names it in full (normalisation included).
     ``create_scorer("nearid", ...)`` returns a :class:`NearIDScore`.
     """
     info = scorer_info(name)
@@ -232,7 +317,8 @@ def create_scorer(
     checkpoint, layout = resolve_layout(name, pretrained, revision)
     device = pick_device(device)
     try:
-        encoder, preprocess_config, embed_dim = layout.build(checkpoint.folder, PRECISIONS[precision], device)
+        encoder, preprocess_config, embed_dim = layout.build(checkpoint.folder, PRECISIONS[precision], device,
+                                                             preprocess)
     except (SafetensorError, json.JSONDecodeError) as e:  # raised by open_clip / timm without the file name
         raise ValueError(f"{checkpoint.folder}: broken {name} checkpoint ({type(e).__name__}: {e}); "
                          f"fetch it again") from None
@@ -240,7 +326,10 @@ def create_scorer(
         encoder = torch.compile(encoder)
     logger.info("loaded %s weights %s from %s on %s", name, checkpoint.source, checkpoint.folder, device)
     cls = NearIDScore if name == "nearid" else Scorer
-    detail = f"{layout.name}:{preprocess_config.describe()}" if info.sign_preprocessing else None
+    if preprocess is not None:
+        detail: str | None = f"{layout.name}:{preprocess_config.describe(normalization=True)}"
+    else:
+        detail = f"{layout.name}:{preprocess_config.describe()}" if info.sign_preprocessing else None
     return cls(encoder, preprocess_config, name=name, embed_dim=embed_dim, device=device, precision=precision,
                signature=signature(name, checkpoint, precision, layout.weights_file, detail))
 
@@ -249,10 +338,11 @@ def resolve_layout(name: str, pretrained: str | os.PathLike | None = None,
                    revision: str | None = None) -> tuple[Checkpoint, Layout]:
     """Scorer ``name``'s checkpoint (``pretrained`` as in :func:`create_scorer`) and the layout it is in.
 
-    The first of :attr:`ScorerInfo.layouts` whose files the folder (or Hub repo) holds; else
-    FileNotFoundError naming what each lacks. With several layouts, a layout's small files are
-    fetched before its weights, so a Hub repo in another layout (e.g. timm's CLIP repos, which
-    also hold a timm ``model.safetensors``) costs no download of weights that are not read.
+    The first of :attr:`ScorerInfo.layouts` that the folder (or Hub repo) is in (:meth:`Layout.holds`:
+    its files, and what ``accepts`` checks); else FileNotFoundError naming what each lacks. With
+    several layouts, a layout's small files are fetched (and checked) before its weights, so a Hub
+    repo in another layout (e.g. timm's CLIP repos, which also hold a timm ``model.safetensors``)
+    costs no download of weights that are not read.
     """
     info = scorer_info(name)
     source = pretrained if pretrained is not None else info.weights
@@ -261,12 +351,15 @@ def resolve_layout(name: str, pretrained: str | os.PathLike | None = None,
     for layout in info.layouts:
         try:
             if probe:
-                resolve_checkpoint(source, revision, tuple(f for f in layout.files if f != layout.weights_file))
+                small = resolve_checkpoint(source, revision, tuple(f for f in layout.files if f != layout.weights_file))
+                if not layout.holds(small.folder, weights=False):
+                    failures.append(FileNotFoundError(f"{small.folder} is not in the {layout.name} layout"))
+                    continue
             checkpoint = resolve_checkpoint(source, revision, layout.files)
         except FileNotFoundError as e:
             failures.append(e)
             continue
-        if all((checkpoint.folder / file).is_file() for file in layout.files):  # a registry entry names its own files
+        if layout.holds(checkpoint.folder):  # a registry entry names its own files
             return checkpoint, layout
         failures.append(FileNotFoundError(f"{checkpoint.folder} is not in the {layout.name} layout"))
     if len(failures) == 1:

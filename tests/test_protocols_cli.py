@@ -1,0 +1,239 @@
+"""`nearid-score --protocol dreambooth | dreambench | customconcept101` end to end on small synthetic trees in each
+benchmark's exact layout, with tiny random checkpoints in the real formats. The benchmark columns are checked
+against figures computed independently with transformers (CLIPModel, CLIPProcessor) and torchvision transforms,
+combined by hand as each benchmark's code does; missing prompts, empty subjects and one-sided subjects are
+reported by name."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import random_image, randomize_
+from PIL import Image
+from test_clip_text import clip_vocab, save_clip_with_text  # noqa: F401 (clip_vocab is a fixture)
+from test_dino_scorers import save_vit, vit_config
+from test_paper_scorers import DINOV2_PREPROCESSOR, TINY_DINOV2, write_preprocessor
+
+from nearid_metric import create_scorer
+from nearid_metric.cli.score import main
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory, checkpoint_dir, clip_vocab):
+    """Tiny checkpoints of every preset scorer, in their Hub repos' formats."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    root = tmp_path_factory.mktemp("protocol-weights")
+    save_vit(root / "dino16", vit_config(16), pooler=True, seed=31)
+    save_vit(root / "dino8", vit_config(8), pooler=False, seed=32)
+    dinov2 = Dinov2Model(Dinov2Config(**TINY_DINOV2))
+    randomize_(dinov2, 33)
+    dinov2.eval().save_pretrained(root / "dinov2")
+    write_preprocessor(root / "dinov2", DINOV2_PREPROCESSOR)
+    clip = save_clip_with_text(root / "clip", 2, clip_vocab, seed=34)
+    folders = {"nearid": checkpoint_dir, "dino-vits16": root / "dino16", "dino-vits8": root / "dino8",
+               "dinov2-small": root / "dinov2", "clip-i": root / "clip", "clip-t": root / "clip"}
+    return folders, clip
+
+
+def model_flag(folders, names):
+    return ",".join(f"{name}={folders[name]}" for name in names)
+
+
+def run(*args):
+    return main([str(a) for a in args] + ["--num-workers", "0", "--no-progress", "--ci-resamples", "100"])
+
+
+def clip_text_cosine(clip, folder, images, prompts):
+    """transformers' CLIP-T: CLIPProcessor (slow tokenizer and image processor) + get_*_features, cosine."""
+    from transformers import CLIPImageProcessor, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    processor = CLIPImageProcessor.from_pretrained(folder)
+    tokens = tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        text = F.normalize(clip.get_text_features(**tokens), dim=-1)
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+        image = F.normalize(clip.get_image_features(pixel_values=pixels), dim=-1)
+    return (text * image).sum(-1).numpy()
+
+
+def open_rgb(path):
+    return Image.open(path).convert("RGB")
+
+
+# --- DreamBooth -------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def dreambooth(tmp_path):
+    dataset, gens = tmp_path / "dataset", tmp_path / "generations"
+    seed = 0
+    for subject, n_ref, n_gen in (("backpack", 2, 2), ("dog", 3, 1), ("cat", 2, 0), ("fox", 0, 1)):
+        if n_ref:
+            (dataset / subject).mkdir(parents=True)
+        if n_gen or subject == "cat":
+            (gens / subject).mkdir(parents=True)  # cat: an empty subject folder
+        for i in range(n_ref):
+            random_image(seed, (120 + 7 * seed, 90 + 3 * seed)).save(dataset / subject / f"{i:02d}.jpg", quality=95)
+            seed += 1
+        for i in range(n_gen):
+            random_image(seed, (128, 128)).save(gens / subject / f"p{i}.png")
+            seed += 1
+    prompts = tmp_path / "prompts.csv"
+    with open(prompts, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["gen", "prompt"], ["backpack/p0", "a sks backpack on a mountain"],
+                                 ["dog/p0.png", "a sks dog, swimming"], ["fox/p0", "a fox"]])  # backpack/p1: none
+    return dataset, gens, prompts
+
+
+def test_dreambooth_preset(dreambooth, weights, tmp_path, capsys):
+    dataset, gens, prompts = dreambooth
+    folders, clip = weights
+    out = tmp_path / "out"
+    names = ["nearid", "dino-vits16", "clip-i", "clip-t"]
+    assert run(dataset, gens, "--protocol", "dreambooth", "--model", model_flag(folders, names), "--prompts", prompts,
+               "--ceiling", "--out", out, "--report", tmp_path / "r.html") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["protocol"]["name"] == "dreambooth" and summary["protocol"]["aggregation"] == "macro"
+    assert all(summary["models"][m]["signature"].endswith("|protocol:dreambooth|scale:cosine|macro") for m in names)
+    dino = create_scorer("dino-vits16", pretrained=folders["dino-vits16"], device="cpu")
+    means = {}
+    for subject in ("backpack", "dog"):
+        refs, subject_gens = sorted((dataset / subject).iterdir()), sorted((gens / subject).iterdir())
+        values = dino.score_matrix(refs, subject_gens).flatten()
+        entry = summary["subjects"][subject]["dino-vits16"]
+        assert entry["mean"] == pytest.approx(float(values.mean()), abs=1e-6) and entry["n"] == len(values)
+        real = [float(dino.score([a], [b])[0]) for a in refs for b in refs if a != b]
+        assert entry["ceiling"] == pytest.approx(sum(real) / len(real), abs=1e-6)
+        means[subject] = float(values.mean())
+    assert summary["models"]["dino-vits16"]["macro"]["mean"] == pytest.approx(sum(means.values()) / 2, abs=1e-6)
+    # CLIP-T against transformers, once per generation; backpack/p1 has no prompt: reported, not scored
+    with_prompt = [gens / "backpack/p0.png", gens / "dog/p0.png"]
+    expected = clip_text_cosine(clip, folders["clip-t"], [open_rgb(p) for p in with_prompt],
+                                ["a sks backpack on a mountain", "a sks dog, swimming"])
+    clip_t = summary["models"]["clip-t"]
+    assert clip_t["count"] == 2 and clip_t["mean"] == pytest.approx(float(expected.mean()), abs=1e-5)
+    assert summary["missing_prompts"] == [str(gens / "backpack/p1.png")]
+    problems = " ".join(summary["subject_problems"])
+    assert "'cat'" in problems and "'fox'" in problems
+    rows = list(csv.DictReader(open(out / "scores.csv", newline="")))
+    assert {r["clip-t"] for r in rows if r["gen"].endswith("p1.png")} == {""}
+    err = capsys.readouterr().err
+    assert "no prompt for" in err and "backpack/p1.png" in err and "'fox'" in err
+    html = (tmp_path / "r.html").read_text()
+    assert 'id="protocol"' in html and "Per subject" in html
+
+
+def test_dreambooth_needs_prompts_and_refuses_conflicts(dreambooth, weights, capsys):
+    dataset, gens, prompts = dreambooth
+    folders, _ = weights
+    flags = ["--model", model_flag(folders, ["nearid", "dino-vits16", "clip-i", "clip-t"])]
+    for extra, message in ((["--pairing", "name"], "pairs by subject"),
+                           ([], "give --prompts"),
+                           (["--manifest", prompts], "drop --manifest")):
+        with pytest.raises(SystemExit) as e:
+            main([str(dataset), str(gens), "--protocol", "dreambooth", *map(str, flags), *map(str, extra)])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main([str(dataset), str(gens), "--protocol", "dreambooth", "--model", "nearid", "--prompts", str(prompts)])
+    assert e.value.code == 2 and "--model may only point" in capsys.readouterr().err
+
+
+# --- DreamBench++ -------------------------------------------------------------------------------------
+
+
+def test_dreambench_preset(tmp_path, weights, capsys):
+    folders, clip = weights
+    run_dir = tmp_path / "dreambooth_sd"
+    keys = ["object_backpack-0_0", "object_backpack-1_0", "live_subject_animal_cat-0_0", "style_ink-0_0"]
+    for n, key in enumerate(keys):
+        for side in ("src_image", "tgt_image"):
+            (run_dir / side).mkdir(parents=True, exist_ok=True)
+            random_image(40 + 2 * n + (side == "tgt_image"), (100 + 9 * n, 140 - 5 * n)).save(
+                run_dir / side / f"{key}.{'jpg' if side == 'src_image' else 'png'}")
+    (run_dir / "text").mkdir()
+    for key in keys[:-1]:  # style_ink-0_0 has no prompt
+        (run_dir / "text" / f"{key}.txt").write_text(f"a photo of {key.split('_')[-2]}", encoding="utf-8")
+    out = tmp_path / "out"
+    names = ["nearid", "dino-vits8", "dinov2-small", "clip-i", "clip-t"]
+    assert run(run_dir, "--protocol", "dreambench", "--model", model_flag(folders, names), "--out", out) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    rows = list(csv.DictReader(open(out / "scores.csv", newline="")))
+    dino8 = create_scorer("dino-vits8", pretrained=folders["dino-vits8"], device="cpu")
+    for row in rows:
+        cosine = float(dino8.score([row["ref"]], [row["gen"]])[0])
+        assert float(row["dino-vits8"]) == pytest.approx(100 * cosine, abs=1e-4)  # 100 x cosine
+    assert summary["models"]["dino-vits8"]["scale"] == "100x" and summary["models"]["nearid"]["scale"] == "cosine"
+    gens = [run_dir / "tgt_image" / f"{k}.png" for k in sorted(keys[:-1])]
+    texts = [(run_dir / "text" / f"{k}.txt").read_text() for k in sorted(keys[:-1])]
+    expected = 100 * clip_text_cosine(clip, folders["clip-t"], [open_rgb(p) for p in gens], texts)
+    assert summary["models"]["clip-t"]["mean"] == pytest.approx(float(expected.mean()), abs=1e-3)
+    assert summary["missing_prompts"] == [str(run_dir / "tgt_image" / "style_ink-0_0.png")]
+    categories = summary["categories"]
+    assert categories["object"]["dino-vits8"]["n"] == 2 and categories["style"]["clip-t"]["n"] == 0
+    by_key = {r["gen"].rsplit("/", 1)[-1][:-4]: float(r["dino-vits8"]) for r in rows}
+    assert categories["object"]["dino-vits8"]["mean"] == pytest.approx(
+        (by_key["object_backpack-0_0"] + by_key["object_backpack-1_0"]) / 2, abs=1e-6)
+    assert "no prompt for" in capsys.readouterr().err
+
+
+# --- CustomConcept101 ---------------------------------------------------------------------------------
+
+
+def cc101_clip_features(clip, paths):
+    """CustomConcept101's CLIP image transform (torchvision Resize 224 bicubic, CenterCrop 224, then RGB)."""
+    from torchvision import transforms
+
+    transform = transforms.Compose([transforms.Resize(224, interpolation=transforms.InterpolationMode.BICUBIC),
+                                    transforms.CenterCrop(224), lambda image: image.convert("RGB"),
+                                    transforms.ToTensor(), transforms.Normalize(CLIP_MEAN, CLIP_STD)])
+    pixels = torch.stack([transform(Image.open(p)) for p in paths])
+    with torch.no_grad():
+        return F.normalize(clip.get_image_features(pixel_values=pixels), dim=-1)
+
+
+def test_customconcept101_preset(tmp_path, weights):
+    folders, clip = weights
+    targets = [tmp_path / "targets" / "cat", tmp_path / "targets" / "chair"]
+    for t, target in enumerate(targets):
+        target.mkdir(parents=True)
+        for i in range(2):
+            image = random_image(60 + 3 * t + i, (150 + 11 * i, 110))
+            (image.convert("RGBA") if i else image).save(target / f"{i}.png")  # RGBA: RGB after the crop matters
+    root = tmp_path / "run"
+    (root / "samples").mkdir(parents=True)
+    stems = ["s0", "s1", "s2"]
+    for k, stem in enumerate(stems):
+        random_image(70 + k, (140, 120)).save(root / "samples" / f"{stem}.png")
+    prompts = {"s0": "a cat on a chair", "s1": "photo of a cat sitting on the chair", "s2": "a chair"}
+    (root / "prompts.json").write_text(json.dumps(prompts), encoding="utf-8")
+    out = tmp_path / "out"
+    names = ["nearid", "clip-i", "dino-vits16", "clip-t"]
+    assert run("+".join(map(str, targets)), root, "--protocol", "customconcept101", "--model",
+               model_flag(folders, names), "--out", out) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    samples = [root / "samples" / f"{s}.png" for s in stems]
+    gen_features = cc101_clip_features(clip, samples)
+    for target in targets:
+        refs = sorted(target.iterdir())
+        matrix = gen_features @ cc101_clip_features(clip, refs).T  # the full (generation x reference) matrix
+        entry = summary["subjects"][target.name]["clip-i"]
+        assert entry["mean"] == pytest.approx(float(matrix.mean()), abs=1e-5) and entry["n"] == matrix.numel()
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer(str(folders["clip-t"] / "vocab.json"), str(folders["clip-t"] / "merges.txt"))
+    tokens = tokenizer([prompts[s] for s in stems], padding=True, truncation=True, max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        text = F.normalize(clip.get_text_features(**tokens), dim=-1)
+    clipscore = 2.5 * np.clip((text * gen_features).sum(-1).numpy(), 0, None)
+    assert summary["models"]["clip-t"]["count"] == 3  # once per sample, not once per (sample, target image)
+    assert summary["models"]["clip-t"]["mean"] == pytest.approx(float(clipscore.mean()), abs=1e-5)
+    assert summary["models"]["clip-t"]["scale"] == "clipscore"
