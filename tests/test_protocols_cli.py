@@ -12,12 +12,11 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import random_image, randomize_
 from PIL import Image
-from test_clip_text import clip_vocab, save_clip_with_text  # noqa: F401 (clip_vocab is a fixture)
+from test_clip_text import clip_vocab, save_clip_with_text, text_features  # noqa: F401 (clip_vocab is a fixture)
 from test_dino_scorers import save_vit, vit_config
-from test_paper_scorers import DINOV2_PREPROCESSOR, TINY_DINOV2, write_preprocessor
+from test_paper_scorers import DINOV2_PREPROCESSOR, TINY_DINOV2, image_features, write_preprocessor
 
 from nearid_metric import create_scorer
 from nearid_metric.cli.score import main
@@ -52,17 +51,11 @@ def run(*args):
 
 
 def clip_text_cosine(clip, folder, images, prompts):
-    """transformers' CLIP-T: CLIPProcessor (slow tokenizer and image processor) + get_*_features, cosine."""
-    from transformers import CLIPImageProcessor, CLIPTokenizer
+    """transformers' CLIP-T: CLIPImageProcessor (PIL path) + CLIPTokenizer, get_*_features, cosine."""
+    from transformers import CLIPImageProcessor
 
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
-    processor = CLIPImageProcessor.from_pretrained(folder)
-    tokens = tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
-    with torch.no_grad():
-        text = F.normalize(clip.get_text_features(**tokens), dim=-1)
-        pixels = processor(images=images, return_tensors="pt")["pixel_values"]
-        image = F.normalize(clip.get_image_features(pixel_values=pixels), dim=-1)
-    return (text * image).sum(-1).numpy()
+    pixels = CLIPImageProcessor.from_pretrained(folder)(images=images, return_tensors="pt")["pixel_values"]
+    return (text_features(clip, folder, prompts) * image_features(clip, pixels)).sum(-1).numpy()
 
 
 def open_rgb(path):
@@ -195,9 +188,7 @@ def cc101_clip_features(clip, paths):
     transform = transforms.Compose([transforms.Resize(224, interpolation=transforms.InterpolationMode.BICUBIC),
                                     transforms.CenterCrop(224), lambda image: image.convert("RGB"),
                                     transforms.ToTensor(), transforms.Normalize(CLIP_MEAN, CLIP_STD)])
-    pixels = torch.stack([transform(Image.open(p)) for p in paths])
-    with torch.no_grad():
-        return F.normalize(clip.get_image_features(pixel_values=pixels), dim=-1)
+    return image_features(clip, torch.stack([transform(Image.open(p)) for p in paths]))
 
 
 def test_customconcept101_preset(tmp_path, weights):
@@ -227,12 +218,7 @@ def test_customconcept101_preset(tmp_path, weights):
         matrix = gen_features @ cc101_clip_features(clip, refs).T  # the full (generation x reference) matrix
         entry = summary["subjects"][target.name]["clip-i"]
         assert entry["mean"] == pytest.approx(float(matrix.mean()), abs=1e-5) and entry["n"] == matrix.numel()
-    from transformers import CLIPTokenizer
-
-    tokenizer = CLIPTokenizer(str(folders["clip-t"] / "vocab.json"), str(folders["clip-t"] / "merges.txt"))
-    tokens = tokenizer([prompts[s] for s in stems], padding=True, truncation=True, max_length=77, return_tensors="pt")
-    with torch.no_grad():
-        text = F.normalize(clip.get_text_features(**tokens), dim=-1)
+    text = text_features(clip, folders["clip-t"], [prompts[s] for s in stems])
     clipscore = 2.5 * np.clip((text * gen_features).sum(-1).numpy(), 0, None)
     assert summary["models"]["clip-t"]["count"] == 3  # once per sample, not once per (sample, target image)
     assert summary["models"]["clip-t"]["mean"] == pytest.approx(float(clipscore.mean()), abs=1e-5)

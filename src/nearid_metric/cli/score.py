@@ -236,9 +236,10 @@ def report_problems(pairing: Pairing, failures: dict[str, str]) -> None:
         logger.warning("ambiguous: %s", message)
     for message in pairing.subject_problems:
         logger.warning("%s", message)
+    why = "its subject is not scored" if pairing.subjects is not None else "no file with the same name on the other side"
     for side, paths in (("reference", pairing.unmatched_refs), ("generated", pairing.unmatched_gens)):
         for path in paths:
-            logger.warning("unmatched %s image: %s (no file with the same name on the other side)", side, path)
+            logger.warning("unmatched %s image: %s (%s)", side, path, why)
     if pairing.ignored:
         logger.info("ignored %s without an image extension", plural(len(pairing.ignored), "file"))
 
@@ -440,7 +441,7 @@ def print_summary(summary: dict, *, scored: bool, ci: bool) -> None:
         for copy in copies:
             logger.warning("possible copy (%s, %s): %s of reference %s", column, copy["reason"], copy["gen"],
                            copy["ref"])
-        print(f"{column}: {plural(len(copies), 'generation')} flagged as copies of a reference")
+        print(f"{column}: {plural(len(copies), 'generation')} flagged as copying a reference")
     if "subjects" in summary:
         print(format_subject_table(summary["subjects"], list(models)))
     for category, entries in summary.get("categories", {}).items():
