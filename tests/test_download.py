@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import hf_cache_layout, random_image
+from test_clip_text import clip_vocab  # noqa: F401 (a fixture)
 
 from nearid_metric import create_scorer, hub
 from nearid_metric.cli.score import main
@@ -225,3 +226,21 @@ def test_fresh_process_offline_download_and_load(tmp_path, checkpoint_dir):
     assert result["code"] == 0
     assert result["signature"].startswith(f"nearid:{REPO}@{COMMIT}|")
     assert "verified against the registry" in proc.stdout
+
+
+def test_download_clip_t_fetches_the_tokenizer_files(tmp_path, clip_vocab, monkeypatch, capsys):
+    import huggingface_hub.constants as constants
+    from test_clip_text import save_clip_with_text
+
+    save_clip_with_text(tmp_path / "clip", 2, clip_vocab)
+    root = tmp_path / "hub"
+    snapshot = hf_cache_layout(tmp_path / "clip", root, "org/clip", COMMIT)
+    for name in ("vocab.json", "merges.txt"):  # the layout helper copies the image checkpoint's files only
+        (snapshot / name).write_bytes((tmp_path / "clip" / name).read_bytes())
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert main(["download", "--model", "clip-t=org/clip"]) == 0
+    out = capsys.readouterr().out
+    for file in ("config.json", "model.safetensors", "preprocessor_config.json", "vocab.json", "merges.txt"):
+        assert f"  {file}" in out
+    assert model_line(out) == f"clip-t={snapshot}"

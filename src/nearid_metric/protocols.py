@@ -115,7 +115,10 @@ PROTOCOLS: dict[str, Protocol] = {
              ProtocolColumn("clip-i", "100x"), ProtocolColumn("clip-t", "100x")),
             layout="dreambench-run", aggregation="micro", categories=True,
             source="yuangpeng/dreambench_plus dreambench_plus/metrics/{dino_score,clip_score}.py",
-            notes=("its clip_score.py does not truncate prompts; here prompts are truncated at 77 tokens",)),
+            notes=("its clip_score.py does not truncate prompts; here prompts are truncated at 77 tokens",
+                   "its CLIPProcessor loads transformers' fast tokenizer, which skips ftfy's text repair; here the "
+                   "tokens are the Python CLIPTokenizer's (with ftfy): they differ only on prompts ftfy changes "
+                   "(curly quotes, mojibake, HTML entities)")),
         Protocol(
             "customconcept101", "CustomConcept101 (Kumari et al. 2023)",
             (ProtocolColumn("nearid"), ProtocolColumn("clip-i", preprocess=_CC101_CLIP),
@@ -124,8 +127,8 @@ PROTOCOLS: dict[str, Protocol] = {
             layout="concepts", aggregation="per-subject",
             source="adobe-research/custom-diffusion customconcept101/evaluate.py",
             notes=("evaluate.py runs CLIP in fp16 on CUDA; here the precision is --precision (fp32 by default)",
-                   "its OpenAI tokenizer also unescapes HTML entities (&amp;), which the transformers tokenizer "
-                   "used here does not")),
+                   "its OpenAI tokenizer unescapes HTML entities a second time after ftfy (&amp;amp; -> &); the "
+                   "tokenizer here repairs text with ftfy once")),
     )
 }
 

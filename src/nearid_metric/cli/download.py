@@ -19,6 +19,7 @@ from nearid_metric.cli.common import (
 )
 from nearid_metric.hub import ChecksumError, Download, HubUnreachableError, download_checkpoint, registry
 from nearid_metric.scorers import list_scorers, resolve_layout, scorer_info
+from nearid_metric.text import TEXT_FILES, TEXT_SCORERS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)} (to score a reference folder named 'download', "
                      f"write ./download)")
     try:
-        models = parse_models(args.model, text=False)
+        models = parse_models(args.model)
     except ValueError as e:
         parser.error(str(e))
     if len(models) > 1 and (args.revision or args.to):
@@ -55,10 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     def command() -> int:
         code = EXIT_OK
         for column, name, weights in models:
-            source = weights or scorer_info(name).weights
+            source = weights or default_weights(name)
             try:
-                _, layout = resolve_layout(name, source, args.revision)  # the files of the layout the source is in
-                fetched = download_checkpoint(source, revision=args.revision, files=layout.files, to=args.to)
+                if name in TEXT_SCORERS:  # clip-t: the CLIP checkpoint with its tokenizer files
+                    files = TEXT_FILES
+                else:
+                    files = resolve_layout(name, source, args.revision)[1].files  # the layout the source is in
+                fetched = download_checkpoint(source, revision=args.revision, files=files, to=args.to)
             except ChecksumError as e:
                 logger.error("%s: %s", column, e)
                 code = EXIT_NOTHING_SCORED
@@ -76,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         return code
 
     return run_command("nearid-score download", command)
+
+
+def default_weights(name: str) -> str:
+    """The registry entry a scorer name (image or text) loads by default."""
+    return TEXT_SCORERS[name] if name in TEXT_SCORERS else scorer_info(name).weights
 
 
 def print_download(name: str, source: str, fetched: Download, revision: str | None = None) -> None:
@@ -99,7 +108,7 @@ def print_download(name: str, source: str, fetched: Download, revision: str | No
               f"{json.dumps(pin)}")
     print(f"{name}: use --model {shlex.quote(f'{name}={checkpoint.folder}')}")
     if fetched.record_file is None:
-        by_name = name if source == scorer_info(name).weights else f"{name}={source}"
+        by_name = name if source == default_weights(name) else f"{name}={source}"
         pinned = f" --revision {shlex.quote(revision)}" if revision else ""
         print(f"{name}: or, from the cache with HF_HUB_OFFLINE=1: --model {shlex.quote(by_name)}{pinned}")
 
