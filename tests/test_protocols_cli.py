@@ -223,3 +223,25 @@ def test_customconcept101_preset(tmp_path, weights):
     assert summary["models"]["clip-t"]["count"] == 3  # once per sample, not once per (sample, target image)
     assert summary["models"]["clip-t"]["mean"] == pytest.approx(float(clipscore.mean()), abs=1e-5)
     assert summary["models"]["clip-t"]["scale"] == "clipscore"
+
+
+def test_clip_t_prompts_from_a_manifest_column(tmp_path, weights):
+    folders, clip = weights
+    ref, gen = tmp_path / "ref", tmp_path / "gen"
+    ref.mkdir()
+    gen.mkdir()
+    for i in range(3):
+        random_image(80 + i, (100, 90)).save(ref / f"r{i}.png")
+        random_image(90 + i, (110, 100)).save(gen / f"g{i}.png")
+    manifest = tmp_path / "pairs.csv"
+    manifest.write_text("ref,gen,prompt\nr0.png,g0.png,a red mug\nr1.png,g1.png,\nr2.png,g2.png,a mug on a desk\n",
+                        encoding="utf-8")
+    out = tmp_path / "out"
+    assert run(ref, gen, "--pairing", "manifest", "--manifest", manifest, "--model",
+               model_flag(folders, ["clip-i", "clip-t"]), "--out", out) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    expected = clip_text_cosine(clip, folders["clip-t"], [open_rgb(gen / "g0.png"), open_rgb(gen / "g2.png")],
+                                ["a red mug", "a mug on a desk"])
+    assert summary["models"]["clip-t"]["mean"] == pytest.approx(float(expected.mean()), abs=1e-5)
+    assert summary["missing_prompts"] == [str(gen / "g1.png")] and summary["models"]["clip-i"]["count"] == 3
+    assert summary["prompts"].endswith("(prompt column)")
