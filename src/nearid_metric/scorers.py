@@ -17,6 +17,9 @@ encoders come from the libraries that define them, loaded from safetensors only:
   DINOv2 release (``local-dir:`` loading) at its native 518 px, not the paper's.
 
 A scorer's folder layouts are tried in order; the first whose files the folder holds is read.
+
+Importing this module does not import torch or the model libraries (the commands list the scorers
+in their ``--help``): the builders and :func:`create_scorer` import them when they run.
 """
 
 from __future__ import annotations
@@ -27,34 +30,26 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError
 
-from nearid_metric.convert import load_clip_visual, load_dinov2
 from nearid_metric.hub import CHECKPOINT_FILES, Checkpoint, registry, resolve_checkpoint
-from nearid_metric.model import TokenMean, load_checkpoint_trunk
-from nearid_metric.preprocess import (
-    PreprocessConfig,
-    config_from_open_clip,
-    config_from_timm,
-)
-from nearid_metric.scorer import (
-    PRECISIONS,
-    Scorer,
-    check_precision,
-    pick_device,
-    signature,
-)
+
+if TYPE_CHECKING:
+    import torch
+
+    from nearid_metric.preprocess import PreprocessConfig
+    from nearid_metric.scorer import Scorer
+
+    # (encoder on device in dtype, preprocessing, embedding width)
+    Built = tuple[torch.nn.Module, PreprocessConfig, int]
+    Builder = Callable[[Path, torch.dtype, torch.device], Built]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CHECKPOINT = "nearid"
 """The registry entry of the released NearID weights."""
-
-# (encoder on device in dtype, preprocessing, embedding width)
-Built = tuple[torch.nn.Module, PreprocessConfig, int]
-Builder = Callable[[Path, torch.dtype, torch.device], Built]
 
 
 @dataclass(frozen=True)
@@ -90,8 +85,8 @@ class ScorerInfo:
     matches: str = ""
     also_reads: tuple[Layout, ...] = ()
     sign_preprocessing: bool = False
-    higher_is_better: bool = Scorer.higher_is_better
-    score_range: tuple[float, float] = Scorer.score_range
+    higher_is_better: bool = True  # as Scorer.higher_is_better
+    score_range: tuple[float, float] = (-1.0, 1.0)  # as Scorer.score_range
 
     @property
     def layouts(self) -> tuple[Layout, ...]:
@@ -119,6 +114,9 @@ def _fused_attention(model: torch.nn.Module) -> torch.nn.Module:
 
 def _build_siglip(readout: str) -> Callable[[Path, torch.dtype, torch.device], Built]:
     def build(folder: Path, dtype: torch.dtype, device: torch.device) -> Built:
+        from nearid_metric.model import TokenMean, load_checkpoint_trunk
+        from nearid_metric.preprocess import PreprocessConfig
+
         trunk = _fused_attention(load_checkpoint_trunk(folder, dtype=dtype, device=device, drop_text_tower=True))
         encoder = trunk if readout == "map" else TokenMean(trunk)
         return encoder, PreprocessConfig.from_file(folder / "preprocessor_config.json"), trunk.num_features
@@ -129,6 +127,8 @@ def _build_siglip(readout: str) -> Callable[[Path, torch.dtype, torch.device], B
 def _build_open_clip(folder: Path, dtype: torch.dtype, device: torch.device) -> Built:
     import open_clip
 
+    from nearid_metric.preprocess import config_from_open_clip
+
     model = open_clip.create_model(f"local-dir:{folder}", device=device)
     visual = model.visual.to(dtype).eval().requires_grad_(False)
     preprocess_cfg = open_clip.get_model_preprocess_cfg(model)
@@ -137,6 +137,9 @@ def _build_open_clip(folder: Path, dtype: torch.dtype, device: torch.device) -> 
 
 
 def _build_clip(folder: Path, dtype: torch.dtype, device: torch.device) -> Built:
+    from nearid_metric.convert import load_clip_visual
+    from nearid_metric.preprocess import PreprocessConfig
+
     visual = load_clip_visual(folder, dtype=dtype, device=device)
     config = PreprocessConfig.from_file(folder / "preprocessor_config.json")
     if (config.height, config.width) != tuple(visual.image_size):
@@ -146,6 +149,9 @@ def _build_clip(folder: Path, dtype: torch.dtype, device: torch.device) -> Built
 
 
 def _build_dinov2(folder: Path, dtype: torch.dtype, device: torch.device) -> Built:
+    from nearid_metric.convert import load_dinov2
+    from nearid_metric.preprocess import PreprocessConfig
+
     config = PreprocessConfig.from_file(folder / "preprocessor_config.json")
     model = _fused_attention(load_dinov2(folder, (config.height, config.width), dtype=dtype, device=device))
     return model, config, model.num_features
@@ -154,6 +160,8 @@ def _build_dinov2(folder: Path, dtype: torch.dtype, device: torch.device) -> Bui
 def _build_timm(folder: Path, dtype: torch.dtype, device: torch.device) -> Built:
     import timm
     from timm.data import resolve_data_config
+
+    from nearid_metric.preprocess import config_from_timm
 
     model = timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=0, global_pool="token")
     model = _fused_attention(model.to(device=device, dtype=dtype).eval().requires_grad_(False))
@@ -227,6 +235,10 @@ def create_scorer(
     results only by floating-point rounding and does not enter the signature.
     ``create_scorer("nearid", ...)`` returns a :class:`NearIDScore`.
     """
+    import torch
+
+    from nearid_metric.scorer import PRECISIONS, Scorer, check_precision, pick_device, signature
+
     info = scorer_info(name)
     check_precision(precision)
     checkpoint, layout = resolve_layout(name, pretrained, revision)
@@ -239,7 +251,7 @@ def create_scorer(
     if compile:
         encoder = torch.compile(encoder)
     logger.info("loaded %s weights %s from %s on %s", name, checkpoint.source, checkpoint.folder, device)
-    cls = NearIDScore if name == "nearid" else Scorer
+    cls = _near_id_score_class() if name == "nearid" else Scorer
     detail = f"{layout.name}:{preprocess_config.describe()}" if info.sign_preprocessing else None
     return cls(encoder, preprocess_config, name=name, embed_dim=embed_dim, device=device, precision=precision,
                signature=signature(name, checkpoint, precision, layout.weights_file, detail))
@@ -276,34 +288,51 @@ def resolve_layout(name: str, pretrained: str | os.PathLike | None = None,
                             + "; ".join(dict.fromkeys(map(str, failures))))
 
 
-class NearIDScore(Scorer):
-    """Identity similarity from a frozen SigLIP2 trunk and the NearID MAP head.
+def _near_id_score_class() -> type[Scorer]:
+    """:class:`NearIDScore`, the class: defined on first use, because its base class imports torch."""
+    if "NearIDScore" in globals():
+        return globals()["NearIDScore"]
+    from nearid_metric.scorer import Scorer
 
-    Build it with :meth:`from_pretrained`. Scores are cosines of L2-normalised
-    embeddings, in [-1, 1]; higher means the same identity is better preserved.
-    """
+    class NearIDScore(Scorer):
+        """Identity similarity from a frozen SigLIP2 trunk and the NearID MAP head.
 
-    @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str | os.PathLike = DEFAULT_CHECKPOINT,
-        *,
-        revision: str | None = None,
-        device: str | torch.device | None = None,
-        precision: str = "fp32",
-        compile: bool = False,
-    ) -> NearIDScore:
-        """Load a checkpoint folder in the released format (same as ``create_scorer("nearid", pretrained=...)``).
-
-        ``name_or_path``: a local folder, a registered name (``nearid``, the default) or a Hub repo id.
-        ``precision``: ``fp32`` (default, as the reference), ``bf16`` or ``fp16`` weights
-        and activations; embeddings are returned in float32 either way.
-        ``compile``: run the encoder through ``torch.compile`` (see :func:`~nearid_metric.create_scorer`).
+        Build it with :meth:`from_pretrained`. Scores are cosines of L2-normalised
+        embeddings, in [-1, 1]; higher means the same identity is better preserved.
         """
-        return create_scorer("nearid", pretrained=name_or_path, revision=revision, device=device,
-                             precision=precision, compile=compile)
 
-    @property
-    def trunk(self) -> torch.nn.Module:
-        """The timm ViT (SigLIP2 trunk + NearID MAP head)."""
-        return self.encoder
+        @classmethod
+        def from_pretrained(
+            cls,
+            name_or_path: str | os.PathLike = DEFAULT_CHECKPOINT,
+            *,
+            revision: str | None = None,
+            device: str | torch.device | None = None,
+            precision: str = "fp32",
+            compile: bool = False,
+        ) -> NearIDScore:
+            """Load a checkpoint folder in the released format (same as ``create_scorer("nearid", pretrained=...)``).
+
+            ``name_or_path``: a local folder, a registered name (``nearid``, the default) or a Hub repo id.
+            ``precision``: ``fp32`` (default, as the reference), ``bf16`` or ``fp16`` weights
+            and activations; embeddings are returned in float32 either way.
+            ``compile``: run the encoder through ``torch.compile`` (see :func:`~nearid_metric.create_scorer`).
+            """
+            return create_scorer("nearid", pretrained=name_or_path, revision=revision, device=device,
+                                 precision=precision, compile=compile)
+
+        @property
+        def trunk(self) -> torch.nn.Module:
+            """The timm ViT (SigLIP2 trunk + NearID MAP head)."""
+            return self.encoder
+
+    NearIDScore.__qualname__ = "NearIDScore"  # as if defined at module level (pickle, repr)
+    globals()["NearIDScore"] = NearIDScore
+    return NearIDScore
+
+
+def __getattr__(name: str) -> type[Scorer]:
+    """``NearIDScore`` (PEP 562): see :func:`_near_id_score_class`."""
+    if name == "NearIDScore":
+        return _near_id_score_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

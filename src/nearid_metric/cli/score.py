@@ -11,6 +11,7 @@ import argparse
 import sys
 from contextlib import nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
@@ -36,8 +37,10 @@ from nearid_metric.distributed import (
 from nearid_metric.outputs import plural, write_scores
 from nearid_metric.pairing import Pairing, pair_all, pair_by_name, pair_from_manifest, read_manifest
 from nearid_metric.report import describe_ci
-from nearid_metric.scorer import Scorer, score_pairs
 from nearid_metric.stats import mean_ci, summarize
+
+if TYPE_CHECKING:
+    from nearid_metric.scorer import Scorer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,6 +179,8 @@ def run(args: argparse.Namespace, pairing: Pairing, scorers: dict[str, Scorer]) 
     Under ``--distributed`` every rank takes part and returns the exit code; only rank 0
     reports and writes.
     """
+    from nearid_metric.scorer import score_pairs
+
     values, ok, failures = score_pairs(list(scorers.values()), pairing.pairs, batch_size=args.batch_size,
                                        num_workers=args.num_workers, progress=False if args.no_progress else None,
                                        cache_dir=args.cache, distributed=args.distributed)
