@@ -217,6 +217,25 @@ def test_reduced_precision(checkpoint_dir, scorer, pictures, precision, dtype):
     assert (emb * full).sum(-1).min().item() >= 0.99
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_checkpoint_loads_cast_as_read_like_load_trunk(checkpoint_dir, dtype):
+    """Casting each tensor as it is read (q/k/v as they are stacked) gives load_trunk's weights exactly, in their own
+    memory (not the file's float16 tensors)."""
+    from safetensors.torch import load_file
+
+    from nearid_metric.model import load_checkpoint_trunk
+
+    config = VisionConfig.from_dict(json.loads((checkpoint_dir / "config.json").read_text())["vision_config"])
+    stored = load_file(checkpoint_dir / "model.safetensors")
+    expected = load_trunk(config, stored, dtype=dtype).state_dict()
+    loaded = load_checkpoint_trunk(checkpoint_dir, dtype=dtype, device="cpu").state_dict()
+    assert loaded.keys() == expected.keys()
+    assert all(loaded[k].dtype == dtype and torch.equal(loaded[k], expected[k]) for k in expected)
+    stacked = convert_siglip_state_dict(stored, dtype=dtype)  # the q/k/v stacks in dtype, the others as given
+    assert all(torch.equal(stacked[k], v.to(dtype) if ".qkv." in k else v)
+               for k, v in convert_siglip_state_dict(stored).items())
+
+
 def test_unknown_precision_raises(checkpoint_dir):
     with pytest.raises(ValueError, match="precision"):
         NearIDScore.from_pretrained(checkpoint_dir, device="cpu", precision="int8")

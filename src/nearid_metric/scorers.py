@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError
 
-from nearid_metric.hub import CHECKPOINT_FILES, Checkpoint, registry, resolve_checkpoint
+from nearid_metric.hub import CHECKPOINT_FILES, Checkpoint, registry, resolve_checkpoint, start_checkpoint_sha256
 
 if TYPE_CHECKING:
     import torch
@@ -243,6 +243,7 @@ def create_scorer(
     check_precision(precision)
     checkpoint, layout = resolve_layout(name, pretrained, revision)
     device = pick_device(device)
+    start_checkpoint_sha256(checkpoint.folder / layout.weights_file)  # for the signature, while the weights load
     try:
         encoder, preprocess_config, embed_dim = layout.build(checkpoint.folder, PRECISIONS[precision], device)
     except (SafetensorError, json.JSONDecodeError) as e:  # raised by open_clip / timm without the file name
