@@ -8,6 +8,8 @@ The checkpoint is written once in the released format (float16 ``model.safetenso
 (``--model so400m``, SigLIP2 so400m/14-384) or tiny. Each repeat is a new interpreter (the file is in the
 OS page cache after the first, untimed, run); the median of each phase is reported, with its share of the
 whole run, and the peak resident memory after loading (a second copy of the weights would show there).
+``--baseline-src DIR`` also runs another checkout's ``src`` (e.g. ``git archive`` of an older commit), the two
+alternating run by run, and prints the ratio this tree / that one per phase.
 Run: ``python benchmarks/first_score.py --help`` (the ``bench`` extra: transformers, for the writer).
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -52,11 +55,13 @@ def child(folder: str, ref: str, gen: str, device: str, precision: str) -> dict:
             "score": scores[0][0].item()}
 
 
-def run_child(folder: Path, ref: Path, gen: Path, device: str, precision: str) -> dict:
-    """One fresh interpreter; adds its start-up (wall time outside the phases)."""
+def run_child(folder: Path, ref: Path, gen: Path, device: str, precision: str, src: Path | None = None) -> dict:
+    """One fresh interpreter (importing nearid_metric from ``src`` when given); adds its start-up and exit (the
+    wall time outside the phases)."""
+    env = dict(os.environ, PYTHONPATH=str(src)) if src is not None else None
     start = time.perf_counter()
     done = subprocess.run([sys.executable, __file__, "--child", str(folder), str(ref), str(gen), "--device", device,
-                           "--precision", precision], capture_output=True, text=True)
+                           "--precision", precision], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"the child run failed:\n{done.stderr}")
@@ -73,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--baseline-src", type=Path, metavar="DIR",
+                        help="another checkout's src folder, run alternately with this one for the ratio")
     parser.add_argument("--child", nargs=3, metavar=("FOLDER", "REF", "GEN"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -90,19 +97,29 @@ def main(argv: list[str] | None = None) -> int:
         random_image(args.seed, (1024, 768)).save(ref, quality=95)
         random_image(args.seed + 1, (768, 768)).save(gen, quality=90)
         size = (folder / "model.safetensors").stat().st_size / 2 ** 20
-        run_child(folder, ref, gen, args.device, args.precision)  # untimed: fills the page cache
-        runs = [run_child(folder, ref, gen, args.device, args.precision) for _ in range(args.repeats)]
-    median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-    whole = median["whole run"]
+        trees = {"this tree": None, **({"baseline": args.baseline_src.resolve()} if args.baseline_src else {})}
+        runs: dict[str, list[dict]] = {name: [] for name in trees}
+        for src in trees.values():
+            run_child(folder, ref, gen, args.device, args.precision, src)  # untimed: fills the page cache
+        for _ in range(args.repeats):
+            for name, src in trees.items():
+                runs[name].append(run_child(folder, ref, gen, args.device, args.precision, src))
+    median = {name: {key: statistics.median(run[key] for run in done) for key in done[0]} for name, done in runs.items()}
     print(f"{args.model} checkpoint ({size:.0f} MiB fp16), {args.precision} on {args.device}, one pair; "
-          f"median of {args.repeats} fresh interpreters")
-    print("| phase | seconds | share of the whole run |")
-    print("|---|---:|---:|")
+          f"median of {args.repeats} fresh interpreters per tree")
+    names = list(trees)
+    header = " | ".join(f"{name} s | share" for name in names)
+    print(f"| phase | {header} |{' this / baseline |' if len(names) > 1 else ''}")
+    print("|---|" + "---:|---:|" * len(names) + ("---:|" if len(names) > 1 else ""))
     for key in ("interpreter start + exit", "imports", "load", "first score", "whole run"):
-        print(f"| {key} | {median[key]:.2f} | {median[key] / whole:.2f} |")
-    print(f"sha256 of the weights file alone: {median['sha256 alone']:.2f} s ({median['sha256 alone'] / whole:.2f} "
-          f"of the whole run); peak resident memory after loading: {median['peak MiB after load']:.0f} MiB "
-          f"({median['peak MiB after load'] / size:.2f}x the file)")
+        cells = " | ".join(f"{median[n][key]:.2f} | {median[n][key] / median[n]['whole run']:.2f}" for n in names)
+        ratio = f" {median[names[0]][key] / median[names[1]][key]:.2f} |" if len(names) > 1 else ""
+        print(f"| {key} | {cells} |{ratio}")
+    for name in names:
+        m = median[name]
+        print(f"{name}: sha256 of the weights file alone {m['sha256 alone']:.2f} s "
+              f"({m['sha256 alone'] / m['whole run']:.2f} of the whole run); peak resident memory after loading "
+              f"{m['peak MiB after load']:.0f} MiB ({m['peak MiB after load'] / size:.2f}x the file)")
     return 0
 
 
