@@ -333,6 +333,16 @@ def test_workers_match_in_process(tmp_path, scorer):
     assert (scorer.embed(paths[::-1], batch_size=2, num_workers=2) - serial.flip(0)).abs().max().item() <= 1e-6
 
 
+def test_no_more_workers_than_batches(scorer, pictures, monkeypatch):
+    """Two images in one forward batch start one decode worker, however many were asked for."""
+    import nearid_metric.loading as loading
+
+    started, real = [], loading.DataLoader
+    monkeypatch.setattr(loading, "DataLoader", lambda *a, **k: started.append(k["num_workers"]) or real(*a, **k))
+    emb = scorer.embed(pictures[:2], batch_size=2, num_workers=8)
+    assert started == [1] and torch.allclose(emb, scorer.embed(pictures[:2], batch_size=2), atol=1e-6)
+
+
 def test_embeddings_unit_norm_and_not_degenerate(scorer, pictures):
     emb = scorer.embed(pictures)
     assert emb.shape == (6, scorer.embed_dim) and scorer.embed_dim == TINY_VISION["hidden_size"]
