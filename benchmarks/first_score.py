@@ -87,7 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     sys.path.insert(0, str(HERE))
     import torch
-    from embed_speed import MODELS, machine_description, random_image, write_random_checkpoint
+    from embed_speed import (
+        MODELS,
+        machine_description,
+        random_image,
+        write_random_checkpoint,
+    )
 
     print(f"machine: {machine_description(torch.device(args.device))}")
     print(f"command: python benchmarks/first_score.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())

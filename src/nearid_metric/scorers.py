@@ -34,7 +34,13 @@ from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError
 
-from nearid_metric.hub import CHECKPOINT_FILES, Checkpoint, registry, resolve_checkpoint, start_checkpoint_sha256
+from nearid_metric.hub import (
+    CHECKPOINT_FILES,
+    Checkpoint,
+    registry,
+    resolve_checkpoint,
+    start_checkpoint_sha256,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -237,7 +243,13 @@ def create_scorer(
     """
     import torch
 
-    from nearid_metric.scorer import PRECISIONS, Scorer, check_precision, pick_device, signature
+    from nearid_metric.scorer import (
+        PRECISIONS,
+        Scorer,
+        check_precision,
+        pick_device,
+        signature,
+    )
 
     info = scorer_info(name)
     check_precision(precision)
