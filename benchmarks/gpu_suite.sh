@@ -21,6 +21,7 @@ run embed_fp32_bf16  $py benchmarks/embed_speed.py --device cuda --precisions fp
                      --out "$out/embed_speed.md" --json "$out/embed_speed.json"
 run real_photos      $py benchmarks/real_photos.py --model so400m --device cuda --precision bf16 --images 256 \
                      --batch-size 64 --workers 0 2 4 8 16
+run first_score      $py benchmarks/first_score.py --device cuda --precision bf16 --repeats 3
 run cache            $py benchmarks/cache_speed.py --device cuda --precision bf16 --num-images 512 \
                      --out "$out/cache_speed.md" --json "$out/cache_speed.json"
 run compile_off      $py benchmarks/embed_speed.py --device cuda --precisions bf16 --num-images 256 --inputs jpeg \

@@ -302,3 +302,17 @@ def test_unreadable_reference_skips_its_pairs(tmp_path, checkpoint_dir, scorer):
     assert summary["models"]["nearid"]["mean"] == pytest.approx(expected.mean().item(), abs=1e-6)
     failures = [(Path(f["path"]).name, f["reason"]) for f in summary["failures"]]
     assert failures == [("broken.png", "empty file (0 bytes)")]
+
+
+def test_num_workers_auto_is_one_per_core_of_the_affinity_mask(monkeypatch, tmp_path):
+    """--num-workers defaults to auto: the cores this process may run on (not the machine's), at most 16."""
+    import nearid_metric.cli.score as cli
+    from nearid_metric import options
+
+    monkeypatch.setattr(options.os, "sched_getaffinity", lambda pid: {0, 3, 5}, raising=False)
+    parser = cli.build_parser()
+    assert parser.parse_args([str(tmp_path), str(tmp_path)]).num_workers == 3
+    assert parser.parse_args([str(tmp_path), str(tmp_path), "--num-workers", "auto"]).num_workers == 3
+    assert parser.parse_args([str(tmp_path), str(tmp_path), "--num-workers", "5"]).num_workers == 5
+    monkeypatch.setattr(options.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert options.auto_num_workers() == options.MAX_AUTO_WORKERS == 16

@@ -118,6 +118,42 @@ def test_unknown_name_lists_registered(name):
         assert registered in str(excinfo.value)
 
 
+def test_background_sha256_is_waited_for_not_repeated(tmp_path, monkeypatch):
+    """start_checkpoint_sha256 hashes in a thread; checkpoint_sha256 then waits for that hash (the file is read once)."""
+    import threading
+
+    import nearid_metric.hub as hub
+
+    release, read, real = threading.Event(), [], hub.file_sha256
+
+    def slow(path):
+        release.wait(10)
+        read.append(threading.current_thread().name)
+        return real(path)
+
+    monkeypatch.setattr(hub, "file_sha256", slow)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"c" * 64)
+    hub.start_checkpoint_sha256(weights)
+    hub.start_checkpoint_sha256(weights)  # already running: not started twice
+    threading.Timer(0.2, release.set).start()
+    assert hub.checkpoint_sha256(weights) == hashlib.sha256(b"c" * 64).hexdigest()
+    assert read == ["nearid-sha256"]
+
+
+def test_failed_sha256_is_raised_and_tried_again(tmp_path, monkeypatch):
+    import nearid_metric.hub as hub
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"d" * 64)
+    real = hub.file_sha256
+    monkeypatch.setattr(hub, "file_sha256", lambda path: (_ for _ in ()).throw(PermissionError(f"{path}: denied")))
+    with pytest.raises(PermissionError, match="denied"):
+        hub.checkpoint_sha256(weights)
+    monkeypatch.setattr(hub, "file_sha256", real)
+    assert hub.checkpoint_sha256(weights) == hashlib.sha256(b"d" * 64).hexdigest()
+
+
 def test_registry_entry():
     entry = registry()["nearid"]
     assert entry["repo_id"] == "Aleksandar/nearid-siglip2"

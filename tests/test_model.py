@@ -217,6 +217,25 @@ def test_reduced_precision(checkpoint_dir, scorer, pictures, precision, dtype):
     assert (emb * full).sum(-1).min().item() >= 0.99
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_checkpoint_loads_cast_as_read_like_load_trunk(checkpoint_dir, dtype):
+    """Casting each tensor as it is read (q/k/v as they are stacked) gives load_trunk's weights exactly, in their own
+    memory (not the file's float16 tensors)."""
+    from safetensors.torch import load_file
+
+    from nearid_metric.model import load_checkpoint_trunk
+
+    config = VisionConfig.from_dict(json.loads((checkpoint_dir / "config.json").read_text())["vision_config"])
+    stored = load_file(checkpoint_dir / "model.safetensors")
+    expected = load_trunk(config, stored, dtype=dtype).state_dict()
+    loaded = load_checkpoint_trunk(checkpoint_dir, dtype=dtype, device="cpu").state_dict()
+    assert loaded.keys() == expected.keys()
+    assert all(loaded[k].dtype == dtype and torch.equal(loaded[k], expected[k]) for k in expected)
+    stacked = convert_siglip_state_dict(stored, dtype=dtype)  # the q/k/v stacks in dtype, the others as given
+    assert all(torch.equal(stacked[k], v.to(dtype) if ".qkv." in k else v)
+               for k, v in convert_siglip_state_dict(stored).items())
+
+
 def test_unknown_precision_raises(checkpoint_dir):
     with pytest.raises(ValueError, match="precision"):
         NearIDScore.from_pretrained(checkpoint_dir, device="cpu", precision="int8")
@@ -312,6 +331,16 @@ def test_workers_match_in_process(tmp_path, scorer):
     assert (serial - parallel).abs().max().item() <= 1e-6
     # rows stay in input order
     assert (scorer.embed(paths[::-1], batch_size=2, num_workers=2) - serial.flip(0)).abs().max().item() <= 1e-6
+
+
+def test_no_more_workers_than_batches(scorer, pictures, monkeypatch):
+    """Two images in one forward batch start one decode worker, however many were asked for."""
+    import nearid_metric.loading as loading
+
+    started, real = [], loading.DataLoader
+    monkeypatch.setattr(loading, "DataLoader", lambda *a, **k: started.append(k["num_workers"]) or real(*a, **k))
+    emb = scorer.embed(pictures[:2], batch_size=2, num_workers=8)
+    assert started == [1] and torch.allclose(emb, scorer.embed(pictures[:2], batch_size=2), atol=1e-6)
 
 
 def test_embeddings_unit_norm_and_not_degenerate(scorer, pictures):

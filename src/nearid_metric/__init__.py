@@ -18,7 +18,7 @@ _EXPORTS = {
     "NearIDMetric": "nearid_metric.metric",
     "NearIDScore": "nearid_metric.scorers",
     "Scorer": "nearid_metric.scorer",
-    "TEXT_SCORERS": "nearid_metric.text",
+    "TEXT_SCORERS": "nearid_metric.scorers",
     "TextScorer": "nearid_metric.text",
     "create_scorer": "nearid_metric.scorers",
     "create_text_scorer": "nearid_metric.text",
@@ -32,8 +32,8 @@ if TYPE_CHECKING:
     from nearid_metric.images import EncodedImage, ImageLoadError, load_image
     from nearid_metric.metric import NearIDMetric
     from nearid_metric.scorer import Scorer
-    from nearid_metric.scorers import NearIDScore, create_scorer, list_scorers
-    from nearid_metric.text import TEXT_SCORERS, TextScorer, create_text_scorer, image_text_scores
+    from nearid_metric.scorers import TEXT_SCORERS, NearIDScore, create_scorer, list_scorers
+    from nearid_metric.text import TextScorer, create_text_scorer, image_text_scores
 
 
 def __getattr__(name: str):

@@ -20,7 +20,7 @@ import math
 import os
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -37,7 +37,6 @@ from nearid_metric.protocol import (
     score_nearid_groups,
     score_nearid_samples,
 )
-from nearid_metric.scorer import Scorer, embed_images
 from nearid_metric.selection import SampleSelection
 from nearid_metric.similarity import (
     mtg_oracles,
@@ -46,6 +45,9 @@ from nearid_metric.similarity import (
     unique_images,
 )
 from nearid_metric.stats import BOOTSTRAP_RESAMPLES, CI_LEVEL, bootstrap_ratio_ci
+
+if TYPE_CHECKING:
+    from nearid_metric.scorer import Scorer
 
 logger = logging.getLogger("nearid_metric")
 
@@ -126,6 +128,8 @@ def mtg_similarity_table(samples: Sequence[MTGSample], scorers: Mapping[str, Sco
 def _similarity_table(samples: Sequence[NearIDSample | MTGSample], scorers: Mapping[str, Scorer],
                       similarities: Callable[..., dict[str, np.ndarray]], mask: str,
                       **embed_kwargs: Any) -> tuple[Table, dict[str, str]]:
+    from nearid_metric.scorer import embed_images  # torch: not for --from-csv tables
+
     if not scorers:
         raise ValueError("no scorers given")
     images = unique_images(samples)

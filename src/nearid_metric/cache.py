@@ -51,12 +51,13 @@ from nearid_metric.images import (
     read_image_file,
 )
 from nearid_metric.masking import MaskedImage, masked_key
+from nearid_metric.options import available_cores
 
 logger = logging.getLogger(__name__)
 
 FORMAT = 2  # 1: .npy part + .json key list; 2: one safetensors file per part
 TENSOR = "rows"  # the one tensor of a part
-VERIFY_THREADS = min(8, os.cpu_count() or 1)  # parts checked in parallel when a store is opened
+VERIFY_THREADS = min(8, available_cores())  # parts checked in parallel when a store is opened
 RACY_SECONDS = 2.0  # a file changed this recently when hashed is not remembered (FileHashMemo)
 HASH_MEMO = "file-hashes.sqlite"  # the FileHashMemo of a cache folder (embedding and feature caches)
 PART_SUFFIX = ".safetensors"

@@ -30,13 +30,14 @@ from PIL import Image
 
 from nearid_metric.cache import HASH_MEMO, ArrayStore, content_keys
 from nearid_metric.images import ORIENTATION
+from nearid_metric.options import available_cores
 
 if TYPE_CHECKING:
     from nearid_metric.scorer import Images, Scorer
 
 logger = logging.getLogger(__name__)
 
-HASH_THREADS = min(8, os.cpu_count() or 1)  # file hashing releases the GIL
+HASH_THREADS = min(8, available_cores())  # file hashing releases the GIL
 FLUSH_SECONDS = 60.0  # a killed run loses at most about this much embedding work
 NORM_TOLERANCE = 1e-3  # a cached embedding must be a unit vector within this
 

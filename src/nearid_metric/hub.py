@@ -14,6 +14,8 @@ import logging
 import os
 import re
 import shutil
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -263,13 +265,40 @@ def checkpoint_sha256(path: str | os.PathLike) -> str:
 
     A load verifies the weights and then names them in the scorer's signature; both need the
     hash of the same (about 1 GB) file. A file whose path, inode, size, mtime or ctime changed
-    is hashed again.
+    is hashed again. A hash started by :func:`start_checkpoint_sha256` is waited for, not repeated.
     """
+    return _hash_future(path, background=False).result()
+
+
+def start_checkpoint_sha256(path: str | os.PathLike) -> None:
+    """Start :func:`checkpoint_sha256` of ``path`` in a background thread (``hashlib`` releases the GIL), so
+    that hashing the weights overlaps loading them; the later :func:`checkpoint_sha256` waits for it."""
+    _hash_future(path, background=True)
+
+
+_HASHES: dict[tuple, Future] = {}  # (real path, *stat) -> the sha256, computed or being computed
+_HASHES_LOCK = threading.Lock()
+
+
+def _hash_future(path: str | os.PathLike, *, background: bool) -> Future:
     st = os.stat(path)
-    return _hash_of_unchanged_file(os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
-                                   st.st_ctime_ns)
+    key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    with _HASHES_LOCK:
+        future = _HASHES.get(key)
+        if future is not None:
+            return future
+        future = _HASHES[key] = Future()
+    if background:
+        threading.Thread(target=_fill, args=(future, key), name="nearid-sha256", daemon=True).start()
+    else:
+        _fill(future, key)
+    return future
 
 
-@cache
-def _hash_of_unchanged_file(path: str, *stat: int) -> str:
-    return file_sha256(path)
+def _fill(future: Future, key: tuple) -> None:
+    try:
+        future.set_result(file_sha256(key[0]))
+    except BaseException as e:  # raised to whoever waits for the hash; the next call hashes again
+        with _HASHES_LOCK:
+            _HASHES.pop(key, None)
+        future.set_exception(e)

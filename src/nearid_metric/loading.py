@@ -119,7 +119,8 @@ def load_batches(dataset: PreprocessedImages, batches: Sequence[list[int]],
                  handle: Callable[[PreprocessedBatch], None], *, num_workers: int = 0,
                  pin_memory: bool = False) -> dict[int, str]:
     """Call ``handle`` on every batch of ``dataset`` (``batches``: lists of indices), decoded in ``num_workers``
-    processes (0: in this one). Returns ``{index: reason}`` of the images whose decoding killed its process.
+    processes (0: in this one; never more processes than batches). Returns ``{index: reason}`` of the images
+    whose decoding killed its process. The workers decode the next batches while ``handle`` runs on this one.
 
     When a worker dies, the batches not yet handled that may have been in flight are decoded
     one image at a time in a separate process (:func:`_isolate`); the others go on in new workers.
@@ -131,9 +132,10 @@ def load_batches(dataset: PreprocessedImages, batches: Sequence[list[int]],
     crashed: dict[int, str] = {}
     pending = list(batches)
     while pending:
+        workers = min(num_workers, len(pending))  # a worker without a batch would only cost its start
         done = 0
         try:
-            for batch in DataLoader(dataset, batch_sampler=pending, num_workers=num_workers, prefetch_factor=PREFETCH,
+            for batch in DataLoader(dataset, batch_sampler=pending, num_workers=workers, prefetch_factor=PREFETCH,
                                     collate_fn=collate_preprocessed, pin_memory=pin_memory):
                 handle(batch)
                 done += 1
@@ -143,7 +145,7 @@ def load_batches(dataset: PreprocessedImages, batches: Sequence[list[int]],
             # passing a tensor's file descriptor through
             if isinstance(e, RuntimeError) and "DataLoader worker" not in str(e):
                 raise
-        suspects = pending[done:done + num_workers * PREFETCH + 1]  # in flight, or being handled
+        suspects = pending[done:done + workers * PREFETCH + 1]  # in flight, or being handled
         pending = pending[done + len(suspects):]
         items, died = _isolate(dataset, [i for batch in suspects for i in batch])
         crashed.update(died)

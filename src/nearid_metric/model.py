@@ -57,6 +57,7 @@ _LAYER_RENAMES = {
 _TEXT_TOWER = ("text_model.", "logit_scale", "logit_bias")
 _QKV = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v"}
 _LAYER_KEY = re.compile(r"^encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+_QKV_KEY = re.compile(r"\.self_attn\.[qkv]_proj\.(weight|bias)$")  # read as stored, cast while stacked
 
 
 @dataclass(frozen=True)
@@ -126,12 +127,15 @@ def _strip_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     return stripped
 
 
-def convert_siglip_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def convert_siglip_state_dict(state_dict: Mapping[str, torch.Tensor], *, dtype: torch.dtype | None = None,
+                              device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
     """Rename a transformers ``SiglipVisionModel`` state dict to the timm trunk's names.
 
     Accepts the NearID prefixes (``backbone.vision_model.``, ``backbone.``) and plain
     ``vision_model.``. q/k/v projections are stacked into timm's ``qkv``; the head's
     stacked ``in_proj`` [3D, D] is split into ``q`` (first D rows) and ``kv`` (last 2D).
+    ``dtype`` / ``device``: the stacked ``qkv`` tensors are written straight in that dtype on
+    that device (one pass over the parts); the other tensors are returned as given.
     Raises ``KeyError`` for any key it does not know, so nothing is silently dropped.
     """
     src = _strip_prefix(state_dict)
@@ -165,7 +169,18 @@ def convert_siglip_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[st
     for (layer, kind), parts in qkv.items():
         if sorted(parts) != ["k", "q", "v"]:
             raise KeyError(f"layer {layer}: incomplete q/k/v {kind} (have {sorted(parts)})")
-        out[f"blocks.{layer}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+        out[f"blocks.{layer}.attn.qkv.{kind}"] = _stack([parts["q"], parts["k"], parts["v"]], dtype, device)
+    return out
+
+
+def _stack(parts: list[torch.Tensor], dtype: torch.dtype | None, device: torch.device | str | None) -> torch.Tensor:
+    """``torch.cat(parts)`` in ``dtype`` on ``device`` (the first part's when None), converting as it copies."""
+    device = parts[0].device if device is None else device
+    out = torch.empty((sum(len(p) for p in parts), *parts[0].shape[1:]), dtype=dtype or parts[0].dtype, device=device)
+    start = 0
+    for part in parts:
+        out[start:start + len(part)].copy_(part.to(device=device))  # on a GPU: moved in the file's dtype, converted there
+        start += len(part)
     return out
 
 
@@ -179,19 +194,34 @@ def load_trunk(
     """Build the trunk for ``config`` and fill it with a SigLIP-named ``state_dict``.
 
     Weights are cast to ``dtype`` (fp16 checkpoints are upcast to fp32 by default, as the
-    reference does). All trunk parameters must be present (strict loading). Returns the
-    module in eval mode with gradients off.
+    reference does) on ``device``; the module never shares memory with ``state_dict``. All
+    trunk parameters must be present (strict loading). Returns the module in eval mode with
+    gradients off.
     """
     weights = {k: v.to(device=device, dtype=dtype, copy=True) for k, v in convert_siglip_state_dict(state_dict).items()}
+    return _filled_trunk(config, weights)
+
+
+def _filled_trunk(config: VisionConfig, weights: dict[str, torch.Tensor]) -> VisionTransformer:
+    """The trunk for ``config`` holding ``weights`` (timm names, already cast and placed) themselves."""
     trunk = build_trunk(config)
     trunk.load_state_dict(weights, strict=True, assign=True)
     return trunk.eval().requires_grad_(False)
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """``tensor`` on ``device`` in ``dtype``: moved first, then converted (on a GPU, half the bytes cross the bus
+    and the GPU converts), without a copy when it is already both."""
+    return tensor.to(device=device).to(dtype=dtype)
 
 
 def load_checkpoint_trunk(folder: Path, *, dtype: torch.dtype, device: torch.device | str,
                           drop_text_tower: bool = False) -> VisionTransformer:
     """Read ``config.json`` + ``model.safetensors`` from a checkpoint folder into the timm trunk.
 
+    Each tensor is cast to ``dtype`` on ``device`` as it is read (:func:`_cast`; the q/k/v
+    projections as they are stacked), so the file's float16 copy of the weights never exists
+    next to the cast one, and the module keeps the cast tensors themselves.
     ``drop_text_tower``: skip the ``text_model.*`` / ``logit_*`` tensors of a full SigLIP
     image-text checkpoint (e.g. the SigLIP2 base model) without reading them; any other
     tensor outside the vision tower is still an error.
@@ -201,22 +231,22 @@ def load_checkpoint_trunk(folder: Path, *, dtype: torch.dtype, device: torch.dev
         raise ValueError(f"{folder / 'config.json'} has no vision_config: not a NearID/SigLIP checkpoint")
     if config.get("normalize_embeddings") is False:
         raise ValueError(f"{folder / 'config.json'} sets normalize_embeddings=false; NearID scores normalised cosines")
-    weights = folder / "model.safetensors"
-    try:
-        with safe_open(weights, framework="pt") as f:
-            names = [k for k in f.keys() if not (drop_text_tower and k.startswith(_TEXT_TOWER))]
-            state_dict = {k: f.get_tensor(k) for k in names}
-    except SafetensorError as e:
-        raise ValueError(f"{weights} is not a readable safetensors file ({e}); fetch the checkpoint again") from None
     try:
         vision = VisionConfig.from_dict(config["vision_config"])
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{folder / 'config.json'}: unusable vision_config ({type(e).__name__}: {e})") from None
+    weights = folder / "model.safetensors"
     try:
-        return load_trunk(vision, state_dict, dtype=dtype, device=device)
+        with safe_open(weights, framework="pt") as f:
+            names = [k for k in f.keys() if not (drop_text_tower and k.startswith(_TEXT_TOWER))]
+            state_dict = {k: f.get_tensor(k) if _QKV_KEY.search(k) else _cast(f.get_tensor(k), dtype, device)
+                          for k in names}
+    except SafetensorError as e:
+        raise ValueError(f"{weights} is not a readable safetensors file ({e}); fetch the checkpoint again") from None
+    try:
+        return _filled_trunk(vision, convert_siglip_state_dict(state_dict, dtype=dtype, device=device))
     except (KeyError, RuntimeError) as e:  # missing, extra or misshapen tensors
         raise ValueError(f"{weights} does not match {folder / 'config.json'} ({type(e).__name__}: {e})") from None
-
 
 
 class TokenMean(torch.nn.Module):

@@ -24,12 +24,15 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
 from nearid_metric.hub import read_json
+
+if TYPE_CHECKING:
+    import torch
 
 RESIZE_MODES = ("squash", "shortest")
 RGB_MODES = ("white", "convert", "after_crop")
@@ -309,6 +312,8 @@ def resize_to_uint8(image: Image.Image, config: PreprocessConfig) -> torch.Tenso
 
     Converted to RGB first, or (``rgb_mode="after_crop"``) resized and cropped in its own mode and converted then.
     """
+    import torch  # here, not at import: the commands read the scorer and protocol tables without torch
+
     if config.rgb_mode == "white":
         image = to_rgb(image)
     elif config.rgb_mode == "convert":
@@ -349,6 +354,8 @@ def normalization_table(config: PreprocessConfig) -> torch.Tensor:
     Computed with the reference's own arithmetic (rescale in float64, cast to float32,
     then ``(x - mean) / std`` in float32), so looking values up reproduces it exactly.
     """
+    import torch
+
     levels = np.arange(256, dtype=np.uint8)
     if config.do_rescale:
         x = (levels.astype(np.float64) * config.rescale_factor).astype(np.float32)
@@ -364,6 +371,8 @@ def normalization_table(config: PreprocessConfig) -> torch.Tensor:
 
 def normalize_uint8(pixels: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """uint8 [B, 3, H, W] -> float32 [B, 3, H, W] through :func:`normalization_table` (same device)."""
+    import torch
+
     channel = torch.arange(3, device=pixels.device).view(1, 3, 1, 1)
     return table[channel, pixels.long()]
 

@@ -39,6 +39,7 @@ from nearid_metric.loading import (
     PreprocessedImages,
     load_batches,
 )
+from nearid_metric.options import PRECISION_DTYPES
 from nearid_metric.preprocess import (
     PreprocessConfig,
     normalization_table,
@@ -47,7 +48,8 @@ from nearid_metric.preprocess import (
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = {name: getattr(torch, dtype) for name, dtype in PRECISION_DTYPES.items()}
+"""Precision name (``--precision``) -> torch dtype of the weights and activations."""
 
 
 def _check_images(images: Images) -> None:

@@ -24,6 +24,9 @@ encoders come from the libraries that define them, loaded from safetensors only:
 benchmark's torchvision transform, :func:`~nearid_metric.preprocess.torchvision_eval`).
 
 A scorer's folder layouts are tried in order; the first whose files the folder holds is read.
+
+Importing this module does not import torch or the model libraries (the commands list the scorers
+in their ``--help``): the builders and :func:`create_scorer` import them when they run.
 """
 
 from __future__ import annotations
@@ -34,14 +37,18 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError
 
-from nearid_metric.convert_clip import load_clip_visual
-from nearid_metric.convert_vit import load_dino, load_dinov2
-from nearid_metric.hub import CHECKPOINT_FILES, Checkpoint, read_json, registry, resolve_checkpoint
-from nearid_metric.model import TokenMean, load_checkpoint_trunk
+from nearid_metric.hub import (
+    CHECKPOINT_FILES,
+    Checkpoint,
+    read_json,
+    registry,
+    resolve_checkpoint,
+    start_checkpoint_sha256,
+)
 from nearid_metric.preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -50,13 +57,16 @@ from nearid_metric.preprocess import (
     config_from_timm,
     torchvision_eval,
 )
-from nearid_metric.scorer import (
-    PRECISIONS,
-    Scorer,
-    check_precision,
-    pick_device,
-    signature,
-)
+
+if TYPE_CHECKING:
+    import torch
+
+    from nearid_metric.scorer import Scorer
+
+    # (encoder on device in dtype, preprocessing, embedding width)
+    Built = tuple[torch.nn.Module, PreprocessConfig, int]
+    # (folder, dtype, device, the preprocessing to use instead of the weights' own, or None) -> Built
+    Builder = Callable[[Path, torch.dtype, torch.device, "PreprocessConfig | None"], Built]
 
 logger = logging.getLogger(__name__)
 
@@ -65,11 +75,6 @@ DEFAULT_CHECKPOINT = "nearid"
 
 DINO_EVAL = torchvision_eval(256, 224, IMAGENET_MEAN, IMAGENET_STD)
 """DINO's eval transform as the benchmarks run it: Resize(256, bicubic) + CenterCrop(224) on RGB, ImageNet mean/std."""
-
-# (encoder on device in dtype, preprocessing, embedding width)
-Built = tuple[torch.nn.Module, PreprocessConfig, int]
-# (folder, dtype, device, the preprocessing to use instead of the weights' own, or None) -> Built
-Builder = Callable[[Path, torch.dtype, torch.device, "PreprocessConfig | None"], Built]
 
 
 @dataclass(frozen=True)
@@ -117,8 +122,8 @@ class ScorerInfo:
     also_reads: tuple[Layout, ...] = ()
     sign_preprocessing: bool = False
     accepts: Callable[[Path], bool] | None = None
-    higher_is_better: bool = Scorer.higher_is_better
-    score_range: tuple[float, float] = Scorer.score_range
+    higher_is_better: bool = True  # as Scorer.higher_is_better
+    score_range: tuple[float, float] = (-1.0, 1.0)  # as Scorer.score_range
 
     @property
     def layouts(self) -> tuple[Layout, ...]:
@@ -155,6 +160,8 @@ def _input_size(folder: Path, config: PreprocessConfig, size: tuple[int, int] | 
 
 def _build_siglip(readout: str) -> Builder:
     def build(folder: Path, dtype: torch.dtype, device: torch.device, preprocess: PreprocessConfig | None) -> Built:
+        from nearid_metric.model import TokenMean, load_checkpoint_trunk
+
         trunk = _fused_attention(load_checkpoint_trunk(folder, dtype=dtype, device=device, drop_text_tower=True))
         encoder = trunk if readout == "map" else TokenMean(trunk)
         config = preprocess or PreprocessConfig.from_file(folder / "preprocessor_config.json")
@@ -175,6 +182,8 @@ def _build_open_clip(folder: Path, dtype: torch.dtype, device: torch.device,
 
 
 def _build_clip(folder: Path, dtype: torch.dtype, device: torch.device, preprocess: PreprocessConfig | None) -> Built:
+    from nearid_metric.convert_clip import load_clip_visual
+
     visual = load_clip_visual(folder, dtype=dtype, device=device)
     config = preprocess or PreprocessConfig.from_file(folder / "preprocessor_config.json")
     return visual, _input_size(folder, config, visual.image_size), visual.output_dim
@@ -182,12 +191,16 @@ def _build_clip(folder: Path, dtype: torch.dtype, device: torch.device, preproce
 
 def _build_dinov2(folder: Path, dtype: torch.dtype, device: torch.device,
                   preprocess: PreprocessConfig | None) -> Built:
+    from nearid_metric.convert_vit import load_dinov2
+
     config = preprocess or PreprocessConfig.from_file(folder / "preprocessor_config.json")
     model = _fused_attention(load_dinov2(folder, (config.height, config.width), dtype=dtype, device=device))
     return model, config, model.num_features
 
 
 def _build_dino(folder: Path, dtype: torch.dtype, device: torch.device, preprocess: PreprocessConfig | None) -> Built:
+    from nearid_metric.convert_vit import load_dino
+
     model = _fused_attention(load_dino(folder, dtype=dtype, device=device))
     return model, _input_size(folder, preprocess or DINO_EVAL, model.patch_embed.img_size), model.num_features
 
@@ -276,6 +289,11 @@ SCORERS: dict[str, ScorerInfo] = {
 }
 
 
+TEXT_SCORERS: dict[str, str] = {"clip-t": "clip-vit-b-32-openai", "clip-t-l14": "clip-vit-l-14-openai"}
+"""Text (CLIP-T) scorer name -> its default weights (a ``weights/registry.json`` name, shared with the image
+scorer); built by :func:`nearid_metric.text.create_text_scorer`."""
+
+
 def list_scorers() -> list[str]:
     """Names accepted by :func:`create_scorer`."""
     return list(SCORERS)
@@ -312,10 +330,15 @@ def create_scorer(
     encoder's input size, and the signature then names it in full (normalisation included).
     ``create_scorer("nearid", ...)`` returns a :class:`NearIDScore`.
     """
+    import torch
+
+    from nearid_metric.scorer import PRECISIONS, Scorer, check_precision, pick_device, signature
+
     info = scorer_info(name)
     check_precision(precision)
     checkpoint, layout = resolve_layout(name, pretrained, revision)
     device = pick_device(device)
+    start_checkpoint_sha256(checkpoint.folder / layout.weights_file)  # for the signature, while the weights load
     try:
         encoder, preprocess_config, embed_dim = layout.build(checkpoint.folder, PRECISIONS[precision], device,
                                                              preprocess)
@@ -325,7 +348,7 @@ def create_scorer(
     if compile:
         encoder = torch.compile(encoder)
     logger.info("loaded %s weights %s from %s on %s", name, checkpoint.source, checkpoint.folder, device)
-    cls = NearIDScore if name == "nearid" else Scorer
+    cls = _near_id_score_class() if name == "nearid" else Scorer
     if preprocess is not None:
         detail: str | None = f"{layout.name}:{preprocess_config.describe(normalization=True)}"
     else:
@@ -369,34 +392,51 @@ def resolve_layout(name: str, pretrained: str | os.PathLike | None = None,
                             + "; ".join(dict.fromkeys(map(str, failures))))
 
 
-class NearIDScore(Scorer):
-    """Identity similarity from a frozen SigLIP2 trunk and the NearID MAP head.
+def _near_id_score_class() -> type[Scorer]:
+    """:class:`NearIDScore`, the class: defined on first use, because its base class imports torch."""
+    if "NearIDScore" in globals():
+        return globals()["NearIDScore"]
+    from nearid_metric.scorer import Scorer
 
-    Build it with :meth:`from_pretrained`. Scores are cosines of L2-normalised
-    embeddings, in [-1, 1]; higher means the same identity is better preserved.
-    """
+    class NearIDScore(Scorer):
+        """Identity similarity from a frozen SigLIP2 trunk and the NearID MAP head.
 
-    @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str | os.PathLike = DEFAULT_CHECKPOINT,
-        *,
-        revision: str | None = None,
-        device: str | torch.device | None = None,
-        precision: str = "fp32",
-        compile: bool = False,
-    ) -> NearIDScore:
-        """Load a checkpoint folder in the released format (same as ``create_scorer("nearid", pretrained=...)``).
-
-        ``name_or_path``: a local folder, a registered name (``nearid``, the default) or a Hub repo id.
-        ``precision``: ``fp32`` (default, as the reference), ``bf16`` or ``fp16`` weights
-        and activations; embeddings are returned in float32 either way.
-        ``compile``: run the encoder through ``torch.compile`` (see :func:`~nearid_metric.create_scorer`).
+        Build it with :meth:`from_pretrained`. Scores are cosines of L2-normalised
+        embeddings, in [-1, 1]; higher means the same identity is better preserved.
         """
-        return create_scorer("nearid", pretrained=name_or_path, revision=revision, device=device,
-                             precision=precision, compile=compile)
 
-    @property
-    def trunk(self) -> torch.nn.Module:
-        """The timm ViT (SigLIP2 trunk + NearID MAP head)."""
-        return self.encoder
+        @classmethod
+        def from_pretrained(
+            cls,
+            name_or_path: str | os.PathLike = DEFAULT_CHECKPOINT,
+            *,
+            revision: str | None = None,
+            device: str | torch.device | None = None,
+            precision: str = "fp32",
+            compile: bool = False,
+        ) -> NearIDScore:
+            """Load a checkpoint folder in the released format (same as ``create_scorer("nearid", pretrained=...)``).
+
+            ``name_or_path``: a local folder, a registered name (``nearid``, the default) or a Hub repo id.
+            ``precision``: ``fp32`` (default, as the reference), ``bf16`` or ``fp16`` weights
+            and activations; embeddings are returned in float32 either way.
+            ``compile``: run the encoder through ``torch.compile`` (see :func:`~nearid_metric.create_scorer`).
+            """
+            return create_scorer("nearid", pretrained=name_or_path, revision=revision, device=device,
+                                 precision=precision, compile=compile)
+
+        @property
+        def trunk(self) -> torch.nn.Module:
+            """The timm ViT (SigLIP2 trunk + NearID MAP head)."""
+            return self.encoder
+
+    NearIDScore.__qualname__ = "NearIDScore"  # as if defined at module level (pickle, repr)
+    globals()["NearIDScore"] = NearIDScore
+    return NearIDScore
+
+
+def __getattr__(name: str) -> type[Scorer]:
+    """``NearIDScore`` (PEP 562): see :func:`_near_id_score_class`."""
+    if name == "NearIDScore":
+        return _near_id_score_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

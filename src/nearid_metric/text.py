@@ -26,13 +26,11 @@ from nearid_metric.convert_clip import load_clip_text
 from nearid_metric.hub import CHECKPOINT_FILES, Checkpoint, resolve_checkpoint
 from nearid_metric.preprocess import PreprocessConfig
 from nearid_metric.scorer import PRECISIONS, Scorer, check_finite, check_precision, pick_device, signature
-from nearid_metric.scorers import create_scorer
+from nearid_metric.scorers import TEXT_SCORERS, create_scorer
 from nearid_metric.tokenizer import ClipTokenizer
 
 logger = logging.getLogger(__name__)
 
-TEXT_SCORERS: dict[str, str] = {"clip-t": "clip-vit-b-32-openai", "clip-t-l14": "clip-vit-l-14-openai"}
-"""Text scorer name -> its default weights (a ``weights/registry.json`` name, shared with the image scorer)."""
 _IMAGE_SCORERS = {"clip-t": "clip-i", "clip-t-l14": "clip-l14"}
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 TEXT_FILES = (*CHECKPOINT_FILES, *TOKENIZER_FILES)

@@ -9,7 +9,7 @@ import argparse
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nearid_metric._version import __version__
 from nearid_metric.bench import (
@@ -27,14 +27,24 @@ from nearid_metric.bench import (
     sample_groups,
 )
 from nearid_metric.bench_files import read_similarities, write_results, write_similarities
-from nearid_metric.cli.common import EXIT_NOTHING_SCORED, EXIT_OK, add_ci_arguments, add_model_arguments
-from nearid_metric.cli.common import command_parser, load_scorers, logger, run_command
+from nearid_metric.cli.common import (
+    EXIT_NOTHING_SCORED,
+    EXIT_OK,
+    add_ci_arguments,
+    add_model_arguments,
+    command_parser,
+    load_scorers,
+    logger,
+    run_command,
+)
 from nearid_metric.data import MTGSample, NearIDSample
 from nearid_metric.masking import MASK_FILLS, foreground_samples, require_opencv
 from nearid_metric.outputs import write_json
 from nearid_metric.selection import read_selection
-from nearid_metric.scorer import Scorer
 from nearid_metric.similarity import unique_images
+
+if TYPE_CHECKING:
+    from nearid_metric.scorer import Scorer
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,8 @@
 """What the console commands share: exit codes, logging on stderr, the error boundary, and the
 argument builders of the model, device, batching and confidence-interval flags.
 
-Only the commands import this module; the library never does.
+Only the commands import this module; the library never does. Nothing here imports torch or a model
+library until a scorer is built (:func:`load_scorers`), so ``--help``, ``--version`` and usage errors are quick.
 """
 
 from __future__ import annotations
@@ -14,14 +15,18 @@ import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nearid_metric._version import __version__
 from nearid_metric.hub import ChecksumError, HubUnreachableError, registry
-from nearid_metric.scorer import PRECISIONS, Scorer
+from nearid_metric.options import PRECISION_DTYPES, auto_num_workers
 from nearid_metric.preprocess import PreprocessConfig
-from nearid_metric.scorers import create_scorer, list_scorers
-from nearid_metric.text import TEXT_SCORERS, TextScorer, create_text_scorer
+from nearid_metric.scorers import TEXT_SCORERS, create_scorer, list_scorers
 from nearid_metric.stats import BOOTSTRAP_RESAMPLES
+
+if TYPE_CHECKING:
+    from nearid_metric.scorer import Scorer
+    from nearid_metric.text import TextScorer
 
 logger = logging.getLogger("nearid_metric")
 
@@ -100,6 +105,11 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def worker_count(text: str) -> int:
+    """argparse type of ``--num-workers``: ``auto`` (one per available core, :func:`auto_num_workers`) or an integer >= 0."""
+    return auto_num_workers() if text == "auto" else non_negative_int(text)
+
+
 def add_ci_arguments(parser: argparse.ArgumentParser, *, groups: bool) -> None:
     """``--ci``, ``--ci-resamples``, ``--ci-seed`` (and ``--ci-groups`` where pairs can be grouped)."""
     ci = parser.add_argument_group("confidence intervals (95%)")
@@ -123,13 +133,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              f"means nearid with those weights (default: nearid)")
     parser.add_argument("--revision", help="Hub revision (branch, tag or commit) of the weights; one model only")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
+    parser.add_argument("--precision", choices=sorted(PRECISION_DTYPES), default="fp32")
     parser.add_argument("--compile", action="store_true", help="run the models through torch.compile")
     parser.add_argument("--batch-size", type=positive_int,
                         help="images per forward pass (default: sized to the device; on CUDA it starts large and "
                              "halves on out-of-memory errors)")
-    parser.add_argument("--num-workers", type=non_negative_int, default=min(8, os.cpu_count() or 1),
-                        help="image decoding processes (default: min(8, CPU count))")
+    parser.add_argument("--num-workers", type=worker_count, default="auto", metavar="N|auto",
+                        help="image decoding processes; auto (default): one per CPU core this process may use, "
+                             "at most 16")
     parser.add_argument("--cache", type=Path, metavar="DIR",
                         help="embedding cache folder: embeddings of images seen before (same content, same model, "
                              "weights, precision, preprocessing and package version) are reused, new ones stored")
@@ -191,6 +202,8 @@ def build_scorer(args: argparse.Namespace, name: str, weights: str | None,
     if preprocess is not None:  # a protocol's own transform in place of the weights'
         options["preprocess"] = preprocess
     if name in TEXT_SCORERS:
+        from nearid_metric.text import create_text_scorer
+
         return create_text_scorer(name, **options)
     return create_scorer(name, compile=args.compile, **options)
 

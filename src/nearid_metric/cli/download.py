@@ -18,8 +18,7 @@ from nearid_metric.cli.common import (
     run_command,
 )
 from nearid_metric.hub import ChecksumError, Download, HubUnreachableError, download_checkpoint, registry
-from nearid_metric.scorers import list_scorers, resolve_layout, scorer_info
-from nearid_metric.text import TEXT_FILES, TEXT_SCORERS
+from nearid_metric.scorers import TEXT_SCORERS, list_scorers, resolve_layout, scorer_info
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             source = weights or default_weights(name)
             try:
                 if name in TEXT_SCORERS:  # clip-t: the CLIP checkpoint with its tokenizer files
+                    from nearid_metric.text import TEXT_FILES
+
                     files = TEXT_FILES
                 else:
                     files = resolve_layout(name, source, args.revision)[1].files  # the layout the source is in

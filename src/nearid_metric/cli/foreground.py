@@ -8,15 +8,17 @@ import argparse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from nearid_metric.cli.common import logger
-from nearid_metric.loading import ImageInput
 from nearid_metric.masking import MASK_FILLS, MaskedImage, find_mask
 from nearid_metric.pairing import Pairing, read_manifest
-from nearid_metric.runs import AnyScorer, RunScores, score_run
+
+if TYPE_CHECKING:
+    from nearid_metric.loading import ImageInput
+    from nearid_metric.runs import AnyScorer, RunScores
 
 SIDES = ("ref", "gen")
 
@@ -107,6 +109,8 @@ def score_foreground(args: argparse.Namespace, pairing: Pairing, scorers: Mappin
     missing are not scored and their images are named in the failures; an extra pair is scored with the
     masked images of the scored pairs, and left out when one of its images has none (never unmasked).
     Returns the scores of every pair (NaN where not scored) and the extra pairs scored, in order."""
+    from nearid_metric.runs import RunScores, score_run
+
     options = dict(batch_size=args.batch_size, num_workers=args.num_workers,
                    progress=False if args.no_progress else None, cache_dir=args.cache, distributed=args.distributed)
     foreground: Foreground | None = getattr(args, "foreground", None)

@@ -11,6 +11,7 @@ import argparse
 import sys
 from contextlib import nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -62,13 +63,15 @@ from nearid_metric.pairing import (
 from nearid_metric.prompts import lookup_prompts, read_prompts
 from nearid_metric.protocols import PROTOCOLS, Protocol, ProtocolInputs, protocol_inputs, scale_scores
 from nearid_metric.report import describe_ci
-from nearid_metric.runs import AnyScorer, is_text_scorer, run_summary
+from nearid_metric.scorers import TEXT_SCORERS
 from nearid_metric.subjects import format_subject_table
-from nearid_metric.text import TEXT_SCORERS
 
 
 FLOOR_PAIRS = 200
 """Default number of floor pairs (a generation against another subject's reference) sampled per subject."""
+
+if TYPE_CHECKING:
+    from nearid_metric.runs import AnyScorer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -311,6 +314,8 @@ def run(args: argparse.Namespace, inputs: ProtocolInputs, scorers: dict[str, Any
     Under ``--distributed`` every rank takes part and returns the exit code; only rank 0
     reports and writes.
     """
+    from nearid_metric.runs import is_text_scorer, run_summary
+
     pairing = inputs.pairing
     args.ceiling = args.ceiling or args.calibrate or args.copies
     real = ceiling_pairs(pairing.subject_refs) if args.ceiling else []

@@ -18,7 +18,6 @@ from nearid_metric.train.config import (
     check_config,
     read_config_file,
 )
-from nearid_metric.train.loop import train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = config_from_args(argv)
 
     def command() -> int:
+        from nearid_metric.train.loop import train
+
         summary = train(config)
         if not summary["finished"]:
             logger.info("stopped at step %d; run again with --resume to continue", summary["steps"])

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nearid_metric.options import available_cores
+
 CHECKPOINT_FORMAT = 2  # 2: schedule, loss scaler, best held-out SSR, epoch composition
 SLOTS = ("anchor", "positive_1", "positive_2", "negative_0", "negative_1", "negative_2")
 AUTOCAST = ("auto", "fp32", "bf16", "fp16")
@@ -62,7 +64,7 @@ class TrainConfig:
     device: str | None = None
     cache_dir: str | None = None
     cache_dtype: str = "fp16"
-    num_workers: int = min(8, os.cpu_count() or 1)
+    num_workers: int = min(8, available_cores())
     checkpoint_every: int = 500
     eval_every: int = 100
     log_every: int = 10
