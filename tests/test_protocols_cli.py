@@ -121,6 +121,7 @@ def test_dreambooth_preset(dreambooth, weights, tmp_path, capsys):
     assert {r["clip-t"] for r in rows if r["gen"].endswith("p1.png")} == {""}
     err = capsys.readouterr().err
     assert "no prompt for" in err and "backpack/p1.png" in err and "'fox'" in err
+    assert err.count("loaded clip-i weights") == 1  # clip-i is clip-t's image tower: loaded once
     html = (tmp_path / "r.html").read_text()
     assert 'id="protocol"' in html and "Per subject" in html
 

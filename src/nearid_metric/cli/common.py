@@ -21,7 +21,7 @@ from nearid_metric._version import __version__
 from nearid_metric.hub import ChecksumError, HubUnreachableError, registry
 from nearid_metric.options import PRECISION_DTYPES, auto_num_workers
 from nearid_metric.preprocess import PreprocessConfig
-from nearid_metric.scorers import TEXT_SCORERS, create_scorer, list_scorers
+from nearid_metric.scorers import TEXT_SCORERS, create_scorer, list_scorers, scorer_info
 from nearid_metric.stats import BOOTSTRAP_RESAMPLES
 
 if TYPE_CHECKING:
@@ -208,6 +208,11 @@ def build_scorer(args: argparse.Namespace, name: str, weights: str | None,
     return create_scorer(name, compile=args.compile, **options)
 
 
+def source_of(name: str, weights: str | None) -> str:
+    """Where scorer ``name``'s weights come from: ``weights``, or its default registry entry."""
+    return weights or (TEXT_SCORERS[name] if name in TEXT_SCORERS else scorer_info(name).weights)
+
+
 def load_scorers(args: argparse.Namespace, parser: argparse.ArgumentParser,
                  preprocess: Mapping[str, PreprocessConfig] | None = None, *,
                  text: bool = False) -> dict[str, Scorer | TextScorer]:
@@ -220,9 +225,20 @@ def load_scorers(args: argparse.Namespace, parser: argparse.ArgumentParser,
         parser.error(str(e))
     if args.revision is not None and len(models) > 1:
         parser.error("--revision applies to one model; pin each model's weights with NAME=FOLDER instead")
+    preprocess = preprocess or {}
+    sources = {column: source_of(name, weights) for column, name, weights in models}
     try:
-        return {column: build_scorer(args, name, weights, (preprocess or {}).get(name))
-                for column, name, weights in models}
+        built: dict[str, Scorer | TextScorer] = {}
+        text_scorers: dict[str, TextScorer] = {}
+        for column, name, weights in sorted(models, key=lambda model: model[1] not in TEXT_SCORERS):  # text first
+            # clip-i beside clip-t on the same weights and preprocessing is the text scorer's image tower: loaded once
+            twin = next((scorer.image_scorer for other, scorer in text_scorers.items()
+                         if scorer.image_scorer.name == name and sources[other] == sources[column]
+                         and preprocess.get(name) == preprocess.get(scorer.name)), None)
+            built[column] = twin or build_scorer(args, name, weights, preprocess.get(name))
+            if name in TEXT_SCORERS:
+                text_scorers[column] = built[column]
+        return {column: built[column] for column, _, _ in models}
     except ChecksumError as e:  # weights that differ from the recorded hash: a message, not a traceback
         logger.error("%s", e)
         raise SystemExit(EXIT_NOTHING_SCORED) from None
