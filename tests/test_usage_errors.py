@@ -191,3 +191,26 @@ def test_train_help_shows_the_defaults(capsys):
 
     text = " ".join(build_parser().format_help().split())
     assert "(default: 11)" in text and "(default: 0.0001)" in text and "(default: fp16)" in text
+
+
+@pytest.mark.parametrize("command", ["bench", "dreambench"])
+def test_unwritable_out_is_refused_before_any_work(command, tmp_path, capsys):
+    """nearid-bench / nearid-dreambench --out under a file: a usage error before any data is read."""
+    from nearid_metric.cli import bench, dreambench
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out = blocker / "results"
+    if command == "bench":
+        csv_file = tmp_path / "sims.csv"
+        csv_file.write_text("not read\n")
+        argv, main = ["--from-csv", str(csv_file), "--out", str(out)], bench.main
+    else:
+        (tmp_path / "ratings").mkdir()
+        argv, main = ["--ratings", str(tmp_path / "ratings"), "--scores", str(tmp_path / "ratings"),
+                      "--out", str(out)], dreambench.main
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "is a file" in err and "Traceback" not in err

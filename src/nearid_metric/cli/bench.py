@@ -32,6 +32,7 @@ from nearid_metric.cli.common import (
     EXIT_OK,
     add_ci_arguments,
     add_model_arguments,
+    check_output_folder,
     command_parser,
     load_scorers,
     logger,
@@ -146,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_arguments(args, parser)
+    if args.out is not None:  # before any work: a run must not end in a folder it cannot write
+        check_output_folder(args.out, "--out", parser)
     return run_command("nearid-bench", lambda: command(args, parser))
 
 

@@ -16,6 +16,7 @@ from nearid_metric.cli.common import EXIT_NOTHING_SCORED as EXIT_PROBLEMS
 from nearid_metric.cli.common import (
     EXIT_OK,
     add_model_arguments,
+    check_output_folder,
     command_parser,
     load_scorers,
     logger,
@@ -111,6 +112,8 @@ def _command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     for path in (args.ratings, args.images, *(args.scores or ())):
         if path is not None and not path.is_dir():
             parser.error(f"{path}: no such folder")
+    if args.out is not None:  # before any work: a run must not end in a folder it cannot write
+        check_output_folder(args.out, "--out", parser)
     folders = _model_folders(args, parser) if args.images is not None else {}
     categories = tuple(c for c in CATEGORIES if c in (args.category or CATEGORIES))
 
