@@ -11,6 +11,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download; set before huggingface_hub is imported
 
+import gzip
 import json
 from pathlib import Path
 
@@ -243,4 +244,21 @@ def dino_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("dinov2")
     save_for_hf(model, folder, model_args=TINY_DINO, safe_serialization=True)
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    return folder
+
+
+@pytest.fixture(scope="session")
+def clip_vocab(tmp_path_factory) -> Path:
+    """A folder with OpenAI CLIP's vocab.json + merges.txt, made as the openai/clip-* repos' are."""
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+
+    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
+    merges = lines[1:49152 - 256 - 2 + 1]
+    base = list(bytes_to_unicode().values())
+    tokens = [*base, *(b + "</w>" for b in base), *("".join(m.split(" ")) for m in merges),
+              "<|startoftext|>", "<|endoftext|>"]
+    assert len(tokens) == 49408
+    folder = tmp_path_factory.mktemp("clip-vocab")
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     return folder

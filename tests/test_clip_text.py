@@ -8,8 +8,6 @@ first 49152 - 256 - 2 merges, then ``<|startoftext|>`` and ``<|endoftext|>``.
 
 from __future__ import annotations
 
-import gzip
-import json
 from pathlib import Path
 
 import ftfy
@@ -41,23 +39,6 @@ PROMPTS = [
     LONG,
     "a " + "very " * 80 + "long prompt",
 ]
-
-
-@pytest.fixture(scope="session")
-def clip_vocab(tmp_path_factory) -> Path:
-    """A folder with OpenAI CLIP's vocab.json + merges.txt, made as the openai/clip-* repos' are."""
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
-
-    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
-    merges = lines[1:49152 - 256 - 2 + 1]
-    base = list(bytes_to_unicode().values())
-    tokens = [*base, *(b + "</w>" for b in base), *("".join(m.split(" ")) for m in merges),
-              "<|startoftext|>", "<|endoftext|>"]
-    assert len(tokens) == 49408
-    folder = tmp_path_factory.mktemp("clip-vocab")
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    return folder
 
 
 def transformers_ids(folder: Path, prompts: list[str]) -> list[list[int]]:

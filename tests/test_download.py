@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import hf_cache_layout, random_image
-from test_clip_text import clip_vocab  # noqa: F401 (a fixture)
 
 from nearid_metric import create_scorer, hub
 from nearid_metric.cli.score import main

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import random_image, randomize_
 from PIL import Image
-from test_clip_text import clip_vocab, save_clip_with_text, text_features  # noqa: F401 (clip_vocab is a fixture)
+from test_clip_text import save_clip_with_text, text_features
 from test_dino_scorers import save_vit, vit_config
 from test_paper_scorers import DINOV2_PREPROCESSOR, TINY_DINOV2, image_features, write_preprocessor
 
