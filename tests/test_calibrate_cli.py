@@ -91,6 +91,21 @@ def test_copies_are_caught_and_different_photos_judged_by_the_rule(subject_set, 
     assert "Copies" in html and "exact.png" in html and "Per subject" in html
 
 
+def test_copy_margin_reaches_the_score_rule(subject_set, checkpoint_dir, tmp_path):
+    """--copy-margin M: a copy by score beats real_max + M. M = -2 flags every generation (cosines lie in [-1, 1]);
+    M = 2 none by score, so only the pixel-level copies are left."""
+    ref, gen = subject_set
+    every = {str(p) for p in gen.rglob("*.*")}
+    for margin, expected in (("-2", every), ("2", {str(gen / "cat" / "exact.png"), str(gen / "dog" / "resized.jpg")})):
+        out = tmp_path / f"out{margin}"
+        assert run(ref, gen, checkpoint_dir, out, "--copies", "--copy-margin", margin) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        flagged = {c["gen"]: c["reason"] for c in summary["copies"]["nearid"]}
+        assert set(flagged) == expected and summary["copy_check"]["margin"] == float(margin)
+        if margin == "2":
+            assert set(flagged.values()) == {"pixels"}
+
+
 def test_calibrated_view_in_the_report(subject_set, checkpoint_dir, tmp_path):
     ref, gen = subject_set
     report = tmp_path / "r.html"
