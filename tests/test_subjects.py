@@ -239,3 +239,18 @@ def test_dreambench_layout_refuses_prompts_and_a_second_folder(tmp_path):
     with pytest.raises(ValueError, match="give it as REF only"):
         protocol_inputs(PROTOCOLS["dreambench"], run, run / "tgt_image")
     assert len(protocol_inputs(PROTOCOLS["dreambench"], run, run).pairing.pairs) == 1  # GEN = the run folder: fine
+
+
+def test_customconcept101_reads_evaluate_py_extensions_only_and_keeps_same_named_concepts_apart(tmp_path):
+    targets = [tmp_path / "a" / "cat", tmp_path / "b" / "cat"]  # two concepts, one folder name
+    touch_image(targets[0] / "0.jpg")
+    touch_image(targets[0] / "1.PNG")  # evaluate.py's endings are case-sensitive: .JPG is read, .PNG is not
+    touch_image(targets[1] / "0.JPG")
+    touch_image(targets[1] / "1.webp")
+    root = tmp_path / "run"
+    touch_image(root / "samples" / "s0.png")
+    (root / "prompts.json").write_text(json.dumps({"s0": "a cat"}), encoding="utf-8")
+    inputs = protocol_inputs(PROTOCOLS["customconcept101"], "+".join(map(str, targets)), root)
+    assert inputs.pairing.subjects == [str(targets[0]), str(targets[1])]  # named by path, neither lost
+    assert [r for r, _ in inputs.pairing.pairs] == [targets[0] / "0.jpg", targets[1] / "0.JPG"]
+    assert {targets[0] / "1.PNG", targets[1] / "1.webp"} <= set(inputs.pairing.ignored)
