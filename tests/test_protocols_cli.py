@@ -294,7 +294,7 @@ def test_clip_t_under_masks_keeps_each_prompt_with_its_generation(tmp_path, weig
     out = tmp_path / "out"
     assert run(ref, gen, "--gen-masks", masks, "--model", model_flag(folders, ["clip-t"]), "--prompts", prompts,
                "--out", out) == 0
-    rows = list(csv.DictReader(open(out / "scores.csv", newline="")))
+    rows = list(csv.DictReader((out / "scores.csv").read_text().splitlines()))
     assert [r["gen"] for r in rows] == [str(gen / "p0.png"), str(gen / "p2.png")]
     pictures = [apply_mask(load_image(gen / f"p{i}.png"), load_image(masks / f"p{i}.png")) for i in (0, 2)]
     expected = clip_text_cosine(clip, folders["clip-t"], pictures, [texts[0], texts[2]])
