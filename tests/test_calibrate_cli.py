@@ -91,6 +91,38 @@ def test_copies_are_caught_and_different_photos_judged_by_the_rule(subject_set, 
     assert "Copies" in html and "exact.png" in html and "Per subject" in html
 
 
+def test_floor_sample_is_seeded_by_ci_seed(subject_set, checkpoint_dir, scorer, tmp_path):
+    """--floor-pairs N samples N floor pairs per subject with --ci-seed: the floor is the mean over floor_pairs' sample."""
+    from nearid_metric.calibration import floor_pairs
+
+    ref, gen = subject_set
+    out = tmp_path / "out"
+    assert run(ref, gen, checkpoint_dir, out, "--calibrate", "--floor-pairs", "2", "--ci-seed", "7") == 0
+    calibration = json.loads((out / "summary.json").read_text())["models"]["nearid"]["calibration"]
+    refs = {s: sorted((ref / s).iterdir()) for s in ("cat", "dog")}
+    gens = {s: sorted((gen / s).iterdir()) for s in ("cat", "dog")}
+    sample = floor_pairs(refs, gens, max_pairs=2, seed=7)
+    for s in ("cat", "dog"):
+        mine = [(r, g) for subject, r, g in sample if subject == s]
+        floor = float(scorer.score([r for r, _ in mine], [g for _, g in mine]).mean())
+        assert calibration["subjects"][s]["floor"] == pytest.approx(floor, abs=1e-6)
+
+
+def test_copy_margin_reaches_the_score_rule(subject_set, checkpoint_dir, tmp_path):
+    """--copy-margin M: a copy by score beats real_max + M. M = -2 flags every generation (cosines lie in [-1, 1]);
+    M = 2 none by score, so only the pixel-level copies are left."""
+    ref, gen = subject_set
+    every = {str(p) for p in gen.rglob("*.*")}
+    for margin, expected in (("-2", every), ("2", {str(gen / "cat" / "exact.png"), str(gen / "dog" / "resized.jpg")})):
+        out = tmp_path / f"out{margin}"
+        assert run(ref, gen, checkpoint_dir, out, "--copies", "--copy-margin", margin) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        flagged = {c["gen"]: c["reason"] for c in summary["copies"]["nearid"]}
+        assert set(flagged) == expected and summary["copy_check"]["margin"] == float(margin)
+        if margin == "2":
+            assert set(flagged.values()) == {"pixels"}
+
+
 def test_calibrated_view_in_the_report(subject_set, checkpoint_dir, tmp_path):
     ref, gen = subject_set
     report = tmp_path / "r.html"

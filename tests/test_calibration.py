@@ -13,6 +13,7 @@ from PIL import Image
 from nearid_metric.calibration import (
     HASH_DISTANCE,
     calibrate,
+    calibrate_column,
     ceiling_pairs,
     difference_hash,
     find_copies,
@@ -97,6 +98,24 @@ def test_find_copies():
     assert found["close"]["reason"] == "score" and found["close"]["real_max"] == 0.95
     assert {c["gen"] for c in find_copies(pairs, {"dog": 0.9, "cat": 0.95}, margin=0.05)} == {"exact"}
     assert find_copies(pairs, {}) == []  # no real-vs-real maximum and no hashes: nothing to judge by
+
+
+def test_calibrate_column_judges_copies_by_the_highest_real_pair():
+    """A generation is a copy when it beats the subject's *highest* real-vs-real score (+ margin), not its mean."""
+    real = [("dog", "d1", "d2", 0.5), ("dog", "d2", "d1", 0.9), ("cat", "c1", "c2", 0.6), ("cat", "c2", "c1", 0.6)]
+    floor = [("dog", "c1", "g1", 0.1), ("cat", "d1", "h1", 0.2)]
+    values = [0.8, 0.95, 0.62, 0.4]
+    subjects = ["dog", "dog", "cat", "cat"]
+    pairs = [("d1", "g1"), ("d2", "g2"), ("c1", "h1"), ("c2", "h2")]
+    out = calibrate_column(values, subjects, pairs, real=real, floor=floor, resamples=None)
+    copies = {c["gen"]: c for c in out["copies"]}
+    assert set(copies) == {"g2", "h1"}  # 0.8 < 0.9 (the mean 0.7 would flag it); 0.95 > 0.9; 0.62 > 0.6
+    assert copies["g2"]["real_max"] == pytest.approx(0.9) and copies["g2"]["reason"] == "score"
+    assert {c["gen"] for c in calibrate_column(values, subjects, pairs, real=real, margin=0.03, calibrated=False,
+                                               resamples=None)["copies"]} == {"g2"}  # 0.62 <= 0.6 + 0.03; 0.95 > 0.9 + 0.03
+    dog = out["calibration"]["subjects"]["dog"]
+    assert dog["ceiling"] == pytest.approx(0.7) and dog["floor"] == pytest.approx(0.1)
+    assert dog["calibrated"] == pytest.approx((0.875 - 0.1) / (0.7 - 0.1))
 
 
 def test_masks_of_the_pairs(tmp_path):

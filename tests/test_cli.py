@@ -267,6 +267,51 @@ def test_parse_models_columns_names_and_weights():
                                                            ("siglip2-map=b", "siglip2-map", "b")]
 
 
+def test_parse_models_text_scorers_only_where_prompts_are_read():
+    """clip-t scores a generation against its prompt: nearid-score takes it, the image-pair commands (text=False) refuse it."""
+    from nearid_metric.cli.common import parse_models
+
+    assert parse_models("nearid,clip-t") == [("nearid", "nearid", None), ("clip-t", "clip-t", None)]
+    with pytest.raises(ValueError, match="clip-t scores a generation against its prompt"):
+        parse_models("nearid,clip-t", text=False)
+    assert parse_models("nearid,clip-i", text=False) == [("nearid", "nearid", None), ("clip-i", "clip-i", None)]
+
+
+def test_clip_i_reuses_the_clip_t_tower_only_on_the_same_weights(monkeypatch, tmp_path):
+    """clip-i beside clip-t is clip-t's image tower when both name the same weights, its own scorer otherwise."""
+    from types import SimpleNamespace
+
+    import nearid_metric.cli.common as common_module
+    import nearid_metric.cli.score as cli
+    import nearid_metric.text as text_module
+
+    built = []
+
+    def image_scorer(name, **kwargs):
+        built.append((name, kwargs["pretrained"]))
+        return SimpleNamespace(name=name, weights=kwargs["pretrained"])
+
+    def text_scorer(name, **kwargs):
+        built.append((name, kwargs["pretrained"]))
+        return SimpleNamespace(name=name, weights=kwargs["pretrained"],
+                               image_scorer=SimpleNamespace(name="clip-i", weights=kwargs["pretrained"]))
+
+    monkeypatch.setattr(common_module, "create_scorer", image_scorer)
+    monkeypatch.setattr(text_module, "create_text_scorer", text_scorer)
+    parser = cli.build_parser()
+
+    def load(spec):
+        built.clear()
+        args = parser.parse_args([str(tmp_path), str(tmp_path), "--model", spec, "--device", "cpu"])
+        return cli.load_scorers(args, parser, text=True)
+
+    same = load("clip-i=/w/a,clip-t=/w/a")
+    assert same["clip-i"] is same["clip-t"].image_scorer and built == [("clip-t", "/w/a")]
+    other = load("clip-i=/w/a,clip-t=/w/b")
+    assert other["clip-i"].weights == "/w/a" and other["clip-t"].weights == "/w/b"
+    assert sorted(built) == [("clip-i", "/w/a"), ("clip-t", "/w/b")]
+
+
 def test_bare_model_names_build_default_weights(monkeypatch, tmp_path):
     """--model clip-i,dinov2 asks create_scorer for each scorer's default weights (pretrained=None)."""
     import nearid_metric.cli.common as common_module

@@ -175,6 +175,32 @@ def test_manifest_mask_columns(tmp_path, checkpoint_dir, scorer, capsys):
     assert summary["masks"]["gen"] == {"folder": str(masks), "column": "gen_mask"}
 
 
+def test_ceiling_and_floor_pairs_are_scored_masked(tmp_path, checkpoint_dir, scorer):
+    """--calibrate under masks: the real-vs-real and floor pairs use the masked references (never unmasked); a
+    reference whose mask is missing is in neither."""
+    refs, gens, masks = tmp_path / "refs", tmp_path / "gens", tmp_path / "masks"
+    for folder in (refs / "dog", refs / "cat", gens / "dog", gens / "cat", masks / "dog", masks / "cat"):
+        folder.mkdir(parents=True)
+    for i, name in enumerate(["dog/a", "dog/b", "dog/c", "cat/x"]):
+        random_image(i, SIZE).save(refs / f"{name}.png")
+    for i, name in enumerate(["dog/g", "cat/h"]):
+        random_image(30 + i, SIZE).save(gens / f"{name}.png")
+    box_mask((8, 6, 40, 30)).save(masks / "dog" / "a.png")
+    box_mask((20, 10, 60, 44)).save(masks / "dog" / "b.png")  # dog/c: no mask
+    box_mask((0, 0, 30, 47)).save(masks / "cat" / "x.png")
+    out = tmp_path / "out"
+    assert run_cli(refs, gens, "--pairing", "subject", "--ref-masks", masks, "--calibrate", "--floor-pairs", "100",
+                   "--model", checkpoint_dir, "--out", out, "--ci", "none") == 0
+    _, summary = read_scores(out)
+    masked = {n: apply_mask(load_image(refs / f"{n}.png"), load_image(masks / f"{n}.png")) for n in ("dog/a", "dog/b", "cat/x")}
+    ceiling = float(expected(scorer, [masked["dog/a"], masked["dog/b"]], [masked["dog/b"], masked["dog/a"]]).mean())
+    entry = summary["subjects"]["dog"]["nearid"]
+    assert entry["ceiling_n"] == 2 and entry["ceiling"] == pytest.approx(ceiling, abs=1e-6)
+    floor = float(expected(scorer, [masked["dog/a"], masked["dog/b"]], [load_image(gens / "cat/h.png")] * 2).mean())
+    assert summary["models"]["nearid"]["calibration"]["subjects"]["cat"]["floor"] == pytest.approx(floor, abs=1e-6)
+    assert summary["pairs_scored"] == 3 and any("dog/c.png" in f["path"] for f in summary["failures"])
+
+
 def test_masked_embeddings_are_cached_apart(masked_folders, checkpoint_dir, tmp_path):
     refs, gens, ref_masks, gen_masks, _ = masked_folders
     cache = tmp_path / "cache"

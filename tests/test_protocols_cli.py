@@ -22,6 +22,7 @@ from nearid_metric import create_scorer
 from nearid_metric.cli.score import main
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @pytest.fixture(scope="module")
@@ -161,10 +162,14 @@ def test_dreambench_preset(tmp_path, weights, capsys):
     assert run(run_dir, "--protocol", "dreambench", "--model", model_flag(folders, names), "--out", out) == 0
     summary = json.loads((out / "summary.json").read_text())
     rows = list(csv.DictReader(open(out / "scores.csv", newline="")))
-    dino8 = create_scorer("dino-vits8", pretrained=folders["dino-vits8"], device="cpu")
-    for row in rows:
-        cosine = float(dino8.score([row["ref"]], [row["gen"]])[0])
-        assert float(row["dino-vits8"]) == pytest.approx(100 * cosine, abs=1e-4)  # 100 x cosine
+    for name in ("dino-vits8", "dinov2-small", "clip-i"):  # every benchmark image column: 100 x cosine
+        plain = create_scorer(name, pretrained=folders[name], device="cpu")
+        cosines = plain.score([row["ref"] for row in rows], [row["gen"] for row in rows]).numpy()
+        np.testing.assert_allclose([float(row[name]) for row in rows], 100 * cosines, atol=1e-4)
+        assert summary["models"][name]["scale"] == "100x"
+    nearid = create_scorer("nearid", pretrained=folders["nearid"], device="cpu")
+    np.testing.assert_allclose([float(row["nearid"]) for row in rows],  # NearID: always its plain cosine
+                               nearid.score([row["ref"] for row in rows], [row["gen"] for row in rows]).numpy(), atol=1e-6)
     assert summary["models"]["dino-vits8"]["scale"] == "100x" and summary["models"]["nearid"]["scale"] == "cosine"
     gens = [run_dir / "tgt_image" / f"{k}.png" for k in sorted(keys[:-1])]
     texts = [(run_dir / "text" / f"{k}.txt").read_text() for k in sorted(keys[:-1])]
@@ -192,14 +197,26 @@ def cc101_clip_features(clip, paths):
     return image_features(clip, torch.stack([transform(Image.open(p)) for p in paths]))
 
 
+def cc101_dino_features(model, paths):
+    """CustomConcept101's DINO transform (torchvision Resize 256 bicubic, CenterCrop 224, then RGB): the class token."""
+    from torchvision import transforms
+
+    transform = transforms.Compose([transforms.Resize(256, interpolation=transforms.InterpolationMode.BICUBIC),
+                                    transforms.CenterCrop(224), lambda image: image.convert("RGB"),
+                                    transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    with torch.no_grad():
+        tokens = model(pixel_values=torch.stack([transform(Image.open(p)) for p in paths])).last_hidden_state[:, 0]
+    return torch.nn.functional.normalize(tokens, dim=-1)
+
+
 def test_customconcept101_preset(tmp_path, weights):
     folders, clip = weights
     targets = [tmp_path / "targets" / "cat", tmp_path / "targets" / "chair"]
     for t, target in enumerate(targets):
         target.mkdir(parents=True)
         for i in range(2):
-            image = random_image(60 + 3 * t + i, (150 + 11 * i, 110))
-            (image.convert("RGBA") if i else image).save(target / f"{i}.png")  # RGBA: RGB after the crop matters
+            # a palette and a translucent RGBA picture: converting to RGB after the resize and crop gives other pixels
+            random_image(60 + 3 * t + i, (150 + 11 * i, 110), "RGBA" if i else "P").save(target / f"{i}.png")
     root = tmp_path / "run"
     (root / "samples").mkdir(parents=True)
     stems = ["s0", "s1", "s2"]
@@ -214,11 +231,17 @@ def test_customconcept101_preset(tmp_path, weights):
     summary = json.loads((out / "summary.json").read_text())
     samples = [root / "samples" / f"{s}.png" for s in stems]
     gen_features = cc101_clip_features(clip, samples)
+    from transformers import ViTModel
+
+    dino = ViTModel.from_pretrained(folders["dino-vits16"]).eval()
     for target in targets:
         refs = sorted(target.iterdir())
         matrix = gen_features @ cc101_clip_features(clip, refs).T  # the full (generation x reference) matrix
         entry = summary["subjects"][target.name]["clip-i"]
         assert entry["mean"] == pytest.approx(float(matrix.mean()), abs=1e-5) and entry["n"] == matrix.numel()
+        dino_matrix = cc101_dino_features(dino, samples) @ cc101_dino_features(dino, refs).T
+        entry = summary["subjects"][target.name]["dino-vits16"]
+        assert entry["mean"] == pytest.approx(float(dino_matrix.mean()), abs=1e-5)
     text = text_features(clip, folders["clip-t"], [prompts[s] for s in stems])
     clipscore = 2.5 * np.clip((text * gen_features).sum(-1).numpy(), 0, None)
     assert summary["models"]["clip-t"]["count"] == 3  # once per sample, not once per (sample, target image)
@@ -246,3 +269,33 @@ def test_clip_t_prompts_from_a_manifest_column(tmp_path, weights):
     assert summary["models"]["clip-t"]["mean"] == pytest.approx(float(expected.mean()), abs=1e-5)
     assert summary["missing_prompts"] == [str(gen / "g1.png")] and summary["models"]["clip-i"]["count"] == 3
     assert summary["prompts"].endswith("(prompt column)")
+
+
+def test_clip_t_under_masks_keeps_each_prompt_with_its_generation(tmp_path, weights):
+    """--gen-masks with clip-t: a generation without a mask is not scored, and the others keep their own prompts
+    (scored on the masked picture, as transformers' CLIP-T on the apply_mask'd image)."""
+    from nearid_metric.images import load_image
+    from nearid_metric.masking import apply_mask
+
+    folders, clip = weights
+    ref, gen, masks = tmp_path / "ref", tmp_path / "gen", tmp_path / "masks"
+    for folder in (ref, gen, masks):
+        folder.mkdir()
+    for i in range(3):
+        random_image(100 + i, (96, 80)).save(ref / f"p{i}.png")
+        random_image(110 + i, (96, 80)).save(gen / f"p{i}.png")
+    mask = Image.new("L", (96, 80), 0)
+    mask.paste(255, (10, 8, 70, 60))
+    mask.save(masks / "p0.png")
+    mask.save(masks / "p2.png")  # p1: no mask, not scored
+    prompts = tmp_path / "prompts.csv"
+    texts = ["a red mug", "a cat on a sofa", "a mug on a desk"]
+    prompts.write_text("gen,prompt\n" + "".join(f"p{i},{t}\n" for i, t in enumerate(texts)), encoding="utf-8")
+    out = tmp_path / "out"
+    assert run(ref, gen, "--gen-masks", masks, "--model", model_flag(folders, ["clip-t"]), "--prompts", prompts,
+               "--out", out) == 0
+    rows = list(csv.DictReader((out / "scores.csv").read_text().splitlines()))
+    assert [r["gen"] for r in rows] == [str(gen / "p0.png"), str(gen / "p2.png")]
+    pictures = [apply_mask(load_image(gen / f"p{i}.png"), load_image(masks / f"p{i}.png")) for i in (0, 2)]
+    expected = clip_text_cosine(clip, folders["clip-t"], pictures, [texts[0], texts[2]])
+    np.testing.assert_allclose([float(r["clip-t"]) for r in rows], expected, atol=1e-5)

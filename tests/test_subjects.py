@@ -15,7 +15,7 @@ from nearid_metric.pairing import pair_by_subject, pair_from_manifest, pair_subj
 from nearid_metric.prompts import lookup_prompts, read_prompts, text_folder_prompts
 from nearid_metric.protocols import PROTOCOLS, protocol_inputs, scale_scores
 from nearid_metric.runs import RunScores, run_summary
-from nearid_metric.subjects import subject_summary
+from nearid_metric.subjects import format_subject_table, subject_summary
 
 
 def touch_image(path, value=0):
@@ -179,3 +179,78 @@ def test_customconcept101_layout(tmp_path):
     with pytest.raises(ValueError, match="prompts.json"):
         (root / "prompts.json").unlink()
         protocol_inputs(PROTOCOLS["customconcept101"], str(targets[0]), root)
+
+
+def test_micro_ceiling_pools_the_pairs_of_the_scored_subjects():
+    # a: 2 references (2 ordered pairs, mean 0.8), c: 3 references (6 pairs, mean 0.1); z has ceiling pairs but no
+    # scored pair (e.g. every generation unreadable): it is in neither ceiling
+    ceilings = {"a": [0.9, 0.7], "c": [0.1] * 6, "z": [0.0, 0.0]}
+    out = subject_summary([0.5, 0.6, 0.2], ["a", "a", "c"], resamples=None, ceilings=ceilings)
+    assert out["macro"]["ceiling"] == pytest.approx((0.8 + 0.1) / 2)  # mean of the subjects' ceilings
+    assert out["micro"]["ceiling"] == pytest.approx((0.9 + 0.7 + 6 * 0.1) / 8)  # mean over the pooled pairs
+    assert out["subjects"]["c"]["ceiling_n"] == 6 and "z" not in out["subjects"]
+
+
+def test_format_subject_table_by_hand():
+    subjects = {"cat": {"nearid": {"mean": 0.5, "n": 6, "ceiling": 0.75}, "clip-t": {"mean": 0.3125, "n": 2}},
+                "dog": {"nearid": {"mean": 0.25, "n": 2, "ceiling": None}}}
+    lines = format_subject_table(subjects, ["nearid", "clip-t"]).splitlines()
+    assert [line.split() for line in lines] == [["subject", "n", "nearid", "clip-t"],
+                                                 ["cat", "6", "0.5000/0.7500", "0.3125"],
+                                                 ["dog", "2", "0.2500", "-"]]
+    assert lines[0].index("nearid") == lines[1].index("0.5000") == lines[2].index("0.2500")  # aligned columns
+    assert lines[0].index("clip-t") == lines[1].index("0.3125") == lines[2].index("-")
+
+
+def test_subject_is_the_first_folder_level_of_nested_trees(tmp_path):
+    ref, gen = tmp_path / "dataset", tmp_path / "gens"
+    touch_image(ref / "dog" / "00.jpg")
+    touch_image(gen / "dog" / "prompt-1" / "0.png")  # GEN/<subject>/<prompt>/<image>
+    touch_image(gen / "dog" / "prompt-2" / "0.png")
+    pairing = pair_by_subject(ref, gen)
+    assert pairing.subjects == ["dog", "dog"] and not pairing.subject_problems
+    assert pairing.pairs == [(ref / "dog/00.jpg", gen / "dog/prompt-1/0.png"), (ref / "dog/00.jpg", gen / "dog/prompt-2/0.png")]
+
+
+def test_manifests_list_each_reference_of_a_subject_once(tmp_path):
+    """A manifest names a reference on every row it is paired on: listed once per subject, so the ceiling has no
+    self-pairs (a duplicate would be a real-vs-real pair of a photo with itself, cosine 1) and pairs are not doubled."""
+    R, G = tmp_path / "R", tmp_path / "G"
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("ref,gen,subject\nr1.png,g1.png,cat\nr1.png,g2.png,cat\nr2.png,g1.png,cat\n", encoding="utf-8")
+    listed = pair_from_manifest(pairs, R, G)
+    assert listed.subject_refs == {"cat": [R / "r1.png", R / "r2.png"]}
+    assert len(ceiling_pairs(listed.subject_refs)) == 2
+    subjects = tmp_path / "subjects.csv"
+    subjects.write_text("subject,ref,gen\ncat,r1.png,g1.png\ncat,r1.png,g2.png\ncat,r2.png,g1.png\n", encoding="utf-8")
+    crossed = pair_subjects_from_manifest(subjects, R, G)
+    assert crossed.pairs == [(R / r, G / g) for g in ("g1.png", "g2.png") for r in ("r1.png", "r2.png")]
+    assert crossed.subject_refs == {"cat": [R / "r1.png", R / "r2.png"]}
+
+
+def test_dreambench_layout_refuses_prompts_and_a_second_folder(tmp_path):
+    run = tmp_path / "run"
+    touch_image(run / "src_image" / "object_backpack-0_0.jpg")
+    touch_image(run / "tgt_image" / "object_backpack-0_0.png")
+    (run / "text").mkdir()
+    (tmp_path / "p.csv").write_text("gen,prompt\nobject_backpack-0_0,a dog\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="drop --prompts"):  # never silently ignored
+        protocol_inputs(PROTOCOLS["dreambench"], run, None, prompts_file=tmp_path / "p.csv")
+    with pytest.raises(ValueError, match="give it as REF only"):
+        protocol_inputs(PROTOCOLS["dreambench"], run, run / "tgt_image")
+    assert len(protocol_inputs(PROTOCOLS["dreambench"], run, run).pairing.pairs) == 1  # GEN = the run folder: fine
+
+
+def test_customconcept101_reads_evaluate_py_extensions_only_and_keeps_same_named_concepts_apart(tmp_path):
+    targets = [tmp_path / "a" / "cat", tmp_path / "b" / "cat"]  # two concepts, one folder name
+    touch_image(targets[0] / "0.jpg")
+    touch_image(targets[0] / "1.PNG")  # evaluate.py's endings are case-sensitive: .JPG is read, .PNG is not
+    touch_image(targets[1] / "0.JPG")
+    touch_image(targets[1] / "1.webp")
+    root = tmp_path / "run"
+    touch_image(root / "samples" / "s0.png")
+    (root / "prompts.json").write_text(json.dumps({"s0": "a cat"}), encoding="utf-8")
+    inputs = protocol_inputs(PROTOCOLS["customconcept101"], "+".join(map(str, targets)), root)
+    assert inputs.pairing.subjects == [str(targets[0]), str(targets[1])]  # named by path, neither lost
+    assert [r for r, _ in inputs.pairing.pairs] == [targets[0] / "0.jpg", targets[1] / "0.JPG"]
+    assert {targets[0] / "1.PNG", targets[1] / "1.webp"} <= set(inputs.pairing.ignored)
