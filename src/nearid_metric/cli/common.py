@@ -128,9 +128,10 @@ def add_ci_arguments(parser: argparse.ArgumentParser, *, groups: bool) -> None:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The model, device and batching flags shared by every command that embeds images."""
     parser.add_argument("--model", default="nearid",
-                        help=f"comma-separated scorers: {', '.join(list_scorers())} (nearid-score also: {', '.join(TEXT_SCORERS)}); NAME=WEIGHTS picks other "
-                             f"weights (local folder, registry name or Hub repo id); a bare folder or repo id "
-                             f"means nearid with those weights (default: nearid)")
+                        help=f"comma-separated scorers: {', '.join(list_scorers())} (nearid-score also: "
+                             f"{', '.join(TEXT_SCORERS)}); NAME=WEIGHTS picks other weights (local folder, registry "
+                             f"name or Hub repo id); a bare folder or repo id means nearid with those weights "
+                             f"(default: nearid)")
     parser.add_argument("--revision", help="Hub revision (branch, tag or commit) of the weights; one model only")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--precision", choices=sorted(PRECISION_DTYPES), default="fp32")
@@ -208,9 +209,9 @@ def build_scorer(args: argparse.Namespace, name: str, weights: str | None,
     return create_scorer(name, compile=args.compile, **options)
 
 
-def source_of(name: str, weights: str | None) -> str:
-    """Where scorer ``name``'s weights come from: ``weights``, or its default registry entry."""
-    return weights or (TEXT_SCORERS[name] if name in TEXT_SCORERS else scorer_info(name).weights)
+def default_weights(name: str) -> str:
+    """The registry entry a scorer name (image or text) loads by default."""
+    return TEXT_SCORERS[name] if name in TEXT_SCORERS else scorer_info(name).weights
 
 
 def load_scorers(args: argparse.Namespace, parser: argparse.ArgumentParser,
@@ -226,7 +227,7 @@ def load_scorers(args: argparse.Namespace, parser: argparse.ArgumentParser,
     if args.revision is not None and len(models) > 1:
         parser.error("--revision applies to one model; pin each model's weights with NAME=FOLDER instead")
     preprocess = preprocess or {}
-    sources = {column: source_of(name, weights) for column, name, weights in models}
+    sources = {column: weights or default_weights(name) for column, name, weights in models}
     try:
         built: dict[str, Scorer | TextScorer] = {}
         text_scorers: dict[str, TextScorer] = {}

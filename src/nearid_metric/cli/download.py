@@ -13,12 +13,13 @@ from nearid_metric.cli.common import (
     EXIT_NOTHING_SCORED,
     EXIT_OK,
     command_parser,
+    default_weights,
     logger,
     parse_models,
     run_command,
 )
 from nearid_metric.hub import ChecksumError, Download, HubUnreachableError, download_checkpoint, registry
-from nearid_metric.scorers import TEXT_SCORERS, list_scorers, resolve_layout, scorer_info
+from nearid_metric.scorers import TEXT_SCORERS, list_scorers, resolve_layout
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,11 +82,6 @@ def main(argv: list[str] | None = None) -> int:
         return code
 
     return run_command("nearid-score download", command)
-
-
-def default_weights(name: str) -> str:
-    """The registry entry a scorer name (image or text) loads by default."""
-    return TEXT_SCORERS[name] if name in TEXT_SCORERS else scorer_info(name).weights
 
 
 def print_download(name: str, source: str, fetched: Download, revision: str | None = None) -> None:
