@@ -158,8 +158,8 @@ def calibrate_column(values: Sequence[float], subjects: Sequence[Hashable], pair
 
     ``values`` [P] (finite) with the ``subjects`` and (reference, generation) ``pairs`` they belong to;
     ``real`` / ``floor``: ``(subject, a, b, score)`` of the :func:`ceiling_pairs` / :func:`floor_pairs`
-    (unreadable ones left out). Returns ``{"copies": find_copies(...)}`` and, when ``calibrated``,
-    ``"calibration": calibrate(...)``.
+    (unreadable ones left out). Returns ``{"ceilings": {subject: its real-vs-real scores}, "copies":
+    find_copies(...)}`` and, when ``calibrated``, ``"calibration": calibrate(...)``.
     """
     def by_subject(rows: Sequence[tuple[Hashable, str, str, float]]) -> dict[Hashable, list[float]]:
         out: dict[Hashable, list[float]] = {}
@@ -168,7 +168,7 @@ def calibrate_column(values: Sequence[float], subjects: Sequence[Hashable], pair
         return out
 
     ceilings = by_subject(real)
-    result: dict[str, Any] = {"copies": find_copies(
+    result: dict[str, Any] = {"ceilings": ceilings, "copies": find_copies(
         [(s, ref, gen, float(v)) for s, (ref, gen), v in zip(subjects, pairs, values)],
         {s: max(v) for s, v in ceilings.items()}, margin=margin, hashes=hashes)}
     if calibrated:

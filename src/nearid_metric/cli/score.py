@@ -346,15 +346,13 @@ def run(args: argparse.Namespace, inputs: ProtocolInputs, scorers: dict[str, Any
             tagged = [(s, str(a), str(b), v) for (s, a, b), v in zip([*real, *floor], extra)]
             real_rows = [row for row in tagged[:len(real)] if row[3] == row[3]]  # x == x: not NaN (both read)
             floor_rows = [row for row in tagged[len(real):] if row[3] == row[3]]
-            ceilings[column] = {}
-            for subject, _, _, value in real_rows:
-                ceilings[column].setdefault(subject, []).append(value)
             good = ok & np.isfinite(result.scores[column])
             checks[column] = calibrate_column(
                 result.scores[column][good], [s for s, g in zip(pairing.subjects, good) if g],
                 [(str(r), str(g)) for (r, g), keep in zip(pairing.pairs, good) if keep], real=real_rows,
                 floor=floor_rows, calibrated=args.calibrate, margin=args.copy_margin, hashes=hashes,
                 resamples=None if args.ci == "none" else args.ci_resamples, seed=args.ci_seed)
+            ceilings[column] = checks[column]["ceilings"]
     missing = missing_prompts(inputs, ok) if text_columns else []
     figures = run_summary(result, text_columns=text_columns, gens=[str(g) for _, g in pairing.pairs],
                           subjects=pairing.subjects, ceilings=ceilings, categories=inputs.categories,
