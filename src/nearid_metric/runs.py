@@ -138,7 +138,7 @@ def run_summary(result: RunScores, *, text_columns: Sequence[str] = (), gens: Se
         if categories is not None:
             for category in dict.fromkeys(categories):
                 mine = np.array([categories[i] == category for i in rows], dtype=bool)
-                subset = kept[mine] if len(rows) else kept
+                subset = kept[mine]
                 per_category.setdefault(category, {})[column] = {
                     "mean": float(subset.mean()) if len(subset) else None, "n": int(len(subset)),
                     "ci95": mean_ci(subset, None, resamples=resamples, seed=seed)["ci95"] if len(subset) else None}
