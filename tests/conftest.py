@@ -262,3 +262,35 @@ def clip_vocab(tmp_path_factory) -> Path:
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     return folder
+
+
+def record_tensor_reads(monkeypatch) -> tuple[list[str], list[str]]:
+    """Make the package's ``safe_open`` record what it does: returns ``(read, held)``, the names of the tensors
+    read with ``get_tensor`` and the names every opened file listed with ``keys``."""
+    import nearid_metric.convert as convert
+
+    read: list[str] = []
+    held: list[str] = []
+    real = convert.safe_open
+
+    class Recording:
+        def __init__(self, *args, **kwargs):
+            self.file = real(*args, **kwargs)
+
+        def __enter__(self):
+            self.file.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+
+        def keys(self):
+            held.extend(self.file.keys())
+            return self.file.keys()
+
+        def get_tensor(self, key):
+            read.append(key)
+            return self.file.get_tensor(key)
+
+    monkeypatch.setattr(convert, "safe_open", Recording)
+    return read, held

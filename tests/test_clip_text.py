@@ -14,7 +14,7 @@ import ftfy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_image, randomize_
+from conftest import random_image, randomize_, record_tensor_reads
 from test_paper_scorers import CLIP_PREPROCESSOR, image_features, reference_processor, write_preprocessor
 
 from nearid_metric import create_scorer, create_text_scorer, image_text_scores
@@ -189,31 +189,9 @@ def test_bf16_close_to_fp32(hf_clip_text):
 
 def test_text_tower_reads_only_its_tensors(hf_clip_text, monkeypatch):
     """Only text_model.* and text_projection are read for the text tower (the image scorer reads its own)."""
-    import nearid_metric.convert as convert
     from nearid_metric.convert_clip import load_clip_text
 
-    read = []
-    real = convert.safe_open
-
-    class Recording:
-        def __init__(self, *args, **kwargs):
-            self.file = real(*args, **kwargs)
-
-        def __enter__(self):
-            self.file.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.file.__exit__(*exc)
-
-        def keys(self):
-            return self.file.keys()
-
-        def get_tensor(self, key):
-            read.append(key)
-            return self.file.get_tensor(key)
-
-    monkeypatch.setattr(convert, "safe_open", Recording)
+    read, _ = record_tensor_reads(monkeypatch)
     load_clip_text(hf_clip_text[0], dtype=torch.float32, device="cpu")
     assert read and all(key.startswith(("text_model.", "text_projection.")) for key in read)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_image, randomize_
+from conftest import random_image, randomize_, record_tensor_reads
 from PIL import Image
 
 from nearid_metric.preprocess import PreprocessConfig, preprocess
@@ -280,34 +280,9 @@ def test_signature_names_layout_and_preprocessing(hf_clip, hf_dinov2, clip_folde
 
 def test_text_tower_is_not_read(hf_clip, monkeypatch):
     """Only the image tower and the visual projection of the CLIPModel checkpoint are read."""
-    import nearid_metric.convert as convert
     from nearid_metric import create_scorer
 
-    read, held = [], []
-    real = convert.safe_open
-
-    class Recording:
-        """safe_open that records the names of the tensors read."""
-
-        def __init__(self, *args, **kwargs):
-            self.file = real(*args, **kwargs)
-
-        def __enter__(self):
-            self.file.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.file.__exit__(*exc)
-
-        def keys(self):
-            held.extend(self.file.keys())
-            return self.file.keys()
-
-        def get_tensor(self, key):
-            read.append(key)
-            return self.file.get_tensor(key)
-
-    monkeypatch.setattr(convert, "safe_open", Recording)
+    read, held = record_tensor_reads(monkeypatch)
     create_scorer(hf_clip[0], pretrained=hf_clip[1], device="cpu")
     assert any(key.startswith("text_model.") for key in held)
     assert read and all(key.startswith(("vision_model.", "visual_projection.")) for key in read)
